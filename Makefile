@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` (set up + main job) and `make test` (set up + tests).
+SHELL := /bin/bash
+VENV ?= .venv
+PYBIN := $(VENV)/bin/python
+WORKDIR ?= runs/default
+# Find a Python >= 3.12: pyenv's 3.12.1 where it is installed, else python3.12, else python3.
+PYTHON ?= $(shell if PYENV_VERSION=3.12.1 python3 -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then echo "env PYENV_VERSION=3.12.1 python3"; elif command -v python3.12 >/dev/null && python3.12 -V >/dev/null 2>&1; then echo python3.12; else echo python3; fi)
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PYBIN) -m pip install -q --upgrade pip
+	$(PYBIN) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PYBIN) -m sparsejax.demo --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PYBIN) -m pytest -q -n 2 --durations=15 tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,73 @@
+r"""Dense decoder-only transformer (Llama-style: RoPE, RMSNorm, GQA, SwiGLU).
+
+Presets (``--config configs/dense.py:<preset>``):
+
+  tiny   2 layers, d=64: CPU tests, well under a second per step.
+  small  4 layers, d=256, seq 256: the README's demo on the embedded stdlib corpus (byte-level).
+         python -m sparsejax.train --config configs/dense.py:small --workdir runs/small
+         On 2 CPU cores: ~1.6 s/step, 300 steps; train loss 5.6 -> ~1.3 nats/byte,
+         val bits-per-byte ~1.9 (see the issue notes for measured figures).
+  125m   GPT-3 Small shape  (d=768,  L=12, H=12)
+  350m   GPT-3 Medium shape (d=1024, L=24, H=16)
+  760m   GPT-3 Large shape  (d=1536, L=24, H=16)
+  1.3b   GPT-3 XL shape     (d=2048, L=24, H=32)
+         The GPU presets use sequence 2048, global batch 256 (0.5M tokens), bf16 compute with
+         fp32 params, BPE 32768 on the embedded corpus unless --config.data.path is given.
+         On one GPU add --config.train.grad_accum_steps=<k> to fit memory.
+
+Any field can be overridden: --config.model.num_layers=8 --config.optim.lr=1e-3 ...
+"""
+
+import ml_collections
+
+_SHAPES = {
+    # name: (d_model, num_layers, num_heads, num_kv_heads, lr)
+    "125m": (768, 12, 12, 12, 6e-4),
+    "350m": (1024, 24, 16, 16, 3e-4),
+    "760m": (1536, 24, 16, 16, 2.5e-4),
+    "1.3b": (2048, 24, 32, 32, 2e-4),
+}
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "dense"
+  c.model = dict(vocab_size=0, d_model=256, num_layers=4, num_heads=4, num_kv_heads=0,
+                 head_dim=0, tie_embeddings=True, param_dtype="float32",
+                 compute_dtype="bfloat16", remat="none", z_loss=1e-4)
+  c.attention = dict(type="dense", pattern=(), rope_theta=10000.0, qk_norm=False, impl="auto")
+  c.ffn = dict(type="dense", pattern=(), d_ff=0, activation="swiglu")
+  c.data = dict(path="", tokenizer="byte", seq_len=256, global_batch_size=16)
+  c.optim = dict(lr=3e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1, b1=0.9,
+                 b2=0.95, weight_decay=0.1, grad_clip=1.0)
+  c.train = dict(steps=300, seed=0, grad_accum_steps=1, log_every_steps=10,
+                 eval_every_steps=100, eval_batches=8, checkpoint_every_steps=100,
+                 keep_checkpoints=3, async_checkpoint=True, max_nonfinite_in_a_row=5,
+                 peak_tflops_per_device=0.0, progress_bar=True)
+  c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1, rules=())
+  return ml_collections.ConfigDict(c)
+
+
+def get_config(preset: str = "small") -> ml_collections.ConfigDict:
+  c = base()
+  if preset == "tiny":
+    c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    c.data.update(seq_len=64, global_batch_size=8)
+    c.optim.update(warmup_steps=2)
+    c.train.update(steps=20, log_every_steps=5, eval_every_steps=10, eval_batches=2,
+                   checkpoint_every_steps=10, progress_bar=False)
+  elif preset == "small":
+    pass
+  elif preset in _SHAPES:
+    d, layers, heads, kv, lr = _SHAPES[preset]
+    c.model.update(d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                   remat="dots_no_batch")
+    c.data.update(tokenizer="bpe:32768", seq_len=2048, global_batch_size=256)
+    c.optim.update(lr=lr, warmup_steps=2000)
+    c.train.update(steps=100_000, log_every_steps=50, eval_every_steps=2000, eval_batches=20,
+                   checkpoint_every_steps=2000)
+  else:
+    raise ValueError(f"configs/dense.py: unknown preset {preset!r}; choose one of tiny, small, "
+                     f"{', '.join(_SHAPES)}")
+  c.name = f"dense-{preset}"
+  return c

@@ -1,0 +1,38 @@
+"""Shared CLI plumbing: logging set-up and one-line errors for expected failures."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+from sparsejax.config import ConfigError
+from sparsejax.train.checkpoint import CheckpointError
+
+EXPECTED_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, ValueError, RuntimeError)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax chatter
+  root = logging.getLogger("sparsejax")
+  if not root.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    root.addHandler(handler)
+  root.setLevel(level)
+  root.propagate = False
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str):
+  """Expected failures print `prog: error: <one line>` and exit 2; bugs keep their traceback."""
+  try:
+    yield
+  except EXPECTED_ERRORS as e:
+    if type(e).__module__.startswith(("jax", "jaxlib", "flax", "orbax")):
+      raise
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"{prog}: error: {type(e).__name__}: {msg}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,30 @@
+"""python -m sparsejax.eval --workdir DIR [--step N] [--data PATH] -> one JSON line."""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest committed)")
+_DATA = flags.DEFINE_string("data", None, "Text file, folder, .jsonl or prepared dataset "
+                            "(default: the training dataset's val split)")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "Evaluate at most this many batches")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per eval batch (default: training's)")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from sparsejax.cli_common import one_line_errors, setup_logging
+  setup_logging()
+  with one_line_errors("sparsejax.eval"):
+    from sparsejax.eval import evaluate
+    print(json.dumps(evaluate(_WORKDIR.value, step=_STEP.value, data=_DATA.value,
+                              max_batches=_MAX_BATCHES.value, batch_size=_BATCH.value)))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -1,0 +1,47 @@
+"""Dense causal grouped-query attention with RoPE and optional QK-norm (registry: "dense")."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.layers.common import DTYPES, RMSNorm, param, rope
+from sparsejax.layers.registry import register_attention
+from sparsejax.parallel.sharding import constrain
+
+_IMPL = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+
+
+@register_attention("dense")
+class DenseAttention(nnx.Module):
+  """q heads H, kv heads K (K divides H), head dim Dh; causal softmax attention."""
+
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs):
+    d, h, k, dh = cfg.model.d_model, cfg.model.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std, pdt = cfg.model.init_std, DTYPES[cfg.model.param_dtype]
+    out_std = std / (2 * cfg.model.num_layers) ** 0.5
+    self.wq_DxHxK = param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), std=std, dtype=pdt)
+    self.wk_DxKxH = param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, dtype=pdt)
+    self.wv_DxKxH = param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, dtype=pdt)
+    self.wo_HxKxD = param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), std=out_std,
+                          dtype=pdt)
+    self.q_norm = RMSNorm(dh, eps=cfg.model.norm_eps) if cfg.attention.qk_norm else None
+    self.k_norm = RMSNorm(dh, eps=cfg.model.norm_eps) if cfg.attention.qk_norm else None
+    self.rope_theta = cfg.attention.rope_theta
+    self.impl = _IMPL[cfg.attention.impl]
+    self.dtype = DTYPES[cfg.model.compute_dtype]
+
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    dt = self.dtype
+    q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq_DxHxK[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk_DxKxH[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv_DxKxH[...].astype(dt))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = constrain(rope(q, positions_BxT, self.rope_theta), ("act_batch", "act_length", "act_heads", None))
+    k = constrain(rope(k, positions_BxT, self.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
+    v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+    o_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+    o_BxTxHxK = constrain(o_BxTxHxK, ("act_batch", "act_length", "act_heads", None))
+    return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo_HxKxD[...].astype(dt))

@@ -1,0 +1,94 @@
+"""Decoder-only transformer assembled from the attention / FFN registries.
+
+    tokens_BxT -> embed -> [pre-norm attention + residual, pre-norm FFN + residual] x L
+               -> final RMSNorm -> logits_BxTxV (float32; tied or untied head)
+
+Layer i uses ``cfg.layer_types()[i]`` = (attention type, ffn type), so per-layer patterns
+(e.g. memory FFN in layers 4 and 8, alternating local / global attention) need no model code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.config import Config
+from sparsejax.layers import registry
+from sparsejax.layers.common import DTYPES, RMSNorm, param
+from sparsejax.parallel.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_ACT = ("act_batch", "act_length", "act_embed")
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: Config, layer_idx: int, *, rngs: nnx.Rngs):
+    attn_type, ffn_type = cfg.layer_types()[layer_idx]
+    d, eps = cfg.model.d_model, cfg.model.norm_eps
+    self.attn_norm = RMSNorm(d, eps=eps)
+    self.attn = registry.ATTENTION[attn_type](cfg, layer_idx, rngs=rngs)
+    self.ffn_norm = RMSNorm(d, eps=eps)
+    self.ffn = registry.FFN[ffn_type](cfg, layer_idx, rngs=rngs)
+
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT)
+    x_BxTxD = constrain(x_BxTxD, _ACT)
+    x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD))
+    return constrain(x_BxTxD, _ACT)
+
+
+def _run_block(block: Block, x_BxTxD, positions_BxT):
+  return block(x_BxTxD, positions_BxT)
+
+
+class Transformer(nnx.Module):
+  """``vocab_size`` is the padded embedding size (``cfg.padded_vocab(dataset vocab)``)."""
+
+  def __init__(self, cfg: Config, vocab_size: int, *, rngs: nnx.Rngs):
+    d, pdt = cfg.model.d_model, DTYPES[cfg.model.param_dtype]
+    self.vocab_size = vocab_size
+    self.dtype = DTYPES[cfg.model.compute_dtype]
+    self.embed_VxD = param(rngs, (vocab_size, d), ("vocab", "embed"), std=cfg.model.init_std,
+                           dtype=pdt)
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.model.num_layers)])
+    self.final_norm = RMSNorm(d, eps=cfg.model.norm_eps)
+    self.head_DxV = (None if cfg.model.tie_embeddings else
+                     param(rngs, (d, vocab_size), ("embed", "vocab"),
+                           std=1.0 / d ** 0.5, dtype=pdt))
+    policy = cfg.model.remat
+    self._block_fn = (_run_block if policy == "none" else
+                      nnx.remat(_run_block, policy=REMAT_POLICIES[policy]))
+
+  def embed(self, tokens_BxT: jax.Array) -> jax.Array:
+    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.dtype)
+    return constrain(x_BxTxD, _ACT)
+
+  def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
+    """Embedded inputs -> float32 logits. Separate from `embed` so tests can differentiate
+    through continuous inputs (causality)."""
+    b, t = x_BxTxD.shape[:2]
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    for block in self.blocks:
+      x_BxTxD = self._block_fn(block, x_BxTxD, positions_BxT)
+    x_BxTxD = self.final_norm(x_BxTxD)
+    if self.head_DxV is None:
+      logits = jnp.einsum("btd,vd->btv", x_BxTxD, self.embed_VxD[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x_BxTxD, self.head_DxV[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
+    return self.decode(self.embed(tokens_BxT), positions_BxT)
+
+
+def build_model(cfg: Config, vocab_size: int, seed: int = 0) -> Transformer:
+  return Transformer(cfg, cfg.padded_vocab(vocab_size), rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,139 @@
+"""Device mesh and the logical-axis rule table.
+
+Every parameter carries logical axis names (``nnx.Param(..., logical_axes=("embed", "mlp"))``)
+and key activations are constrained with ``constrain(x, ("act_batch", "act_length", ...))``.
+The rule table maps each logical name to mesh axes; a rule is applied to a dimension only when
+the dimension divides evenly, otherwise that dimension is replicated (and we say so once).
+
+Mesh axes, outermost first: ``data`` (pure data parallel), ``fsdp`` (data parallel with
+parameters / optimizer state sharded), ``expert`` (reserved for expert parallelism), ``tensor``
+(Megatron-style tensor parallelism; innermost so it lands on the fastest interconnect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# Parameters use plain names; activations use act_* names so that the embed dimension of a
+# weight can be FSDP-sharded while the embed dimension of an activation is not.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("act_batch", ("data", "fsdp", "expert")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+_log = logging.getLogger(__name__)
+_warned: set = set()
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Build the (data, fsdp, expert, tensor) mesh; one size may be -1 (all remaining devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.expert, mesh_cfg.tensor]
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n % fixed:
+      raise ValueError(f"config.mesh: fixed axis sizes multiply to {fixed}, which does not divide "
+                       f"the {n} available devices; change config.mesh.*")
+    sizes[sizes.index(-1)] = n // fixed
+  if math.prod(sizes) != n:
+    raise ValueError(f"config.mesh: axis sizes {dict(zip(MESH_AXES, sizes))} use "
+                     f"{math.prod(sizes)} devices but {n} are available; set one axis to -1")
+  if n == len(jax.devices()) and devices == list(jax.devices()):
+    return jax.make_mesh(tuple(sizes), MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def rules_of(mesh_cfg) -> dict[str, Any]:
+  rules = dict(DEFAULT_RULES)
+  rules.update({k: v for k, v in mesh_cfg.rules})
+  return rules
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: dict[str, Any]) -> P:
+  """PartitionSpec for a tensor of `shape` whose dims carry `logical_axes`."""
+  if len(logical_axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(logical_axes, shape):
+    if name is not None and name not in rules:
+      raise ValueError(f"logical axis {name!r} has no rule; add it to config.mesh.rules "
+                       f"(known: {', '.join(sorted(rules))})")
+    target = rules.get(name) if name else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in used)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if axes and dim % size:
+      key = (name, dim, axes)
+      if key not in _warned:
+        _warned.add(key)
+        _log.warning("logical axis %s (size %d) is not divisible by mesh axes %s (size %d); "
+                     "replicating it", name, dim, axes, size)
+      axes = ()
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+# ---- activation constraints: active only while a (mesh, rules) context is set ----
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("sparsejax_mesh_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: dict[str, Any]):
+  """Within this context (around tracing), `constrain` applies sharding constraints."""
+  token = _ACTIVE.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh, rules)))
+
+
+def batch_sharding(mesh: Mesh, rules: dict[str, Any], ndim: int = 2) -> NamedSharding:
+  """Sharding of a [batch, ...] input array: batch over the act_batch mesh axes."""
+  target = rules.get("act_batch")
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+  return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh, rules: dict[str, Any]) -> int:
+  """How many ways the batch dimension is split (the global batch must divide by this)."""
+  spec = batch_sharding(mesh, rules).spec[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return math.prod(mesh.shape[a] for a in axes)

@@ -1,0 +1,121 @@
+"""Orbax checkpoints with an explicit commit marker.
+
+Layout of a workdir:
+    checkpoints/<step>/{state,data,meta}/   Orbax CheckpointManager, composite items:
+                                            state (train state pytree), data (grain iterator
+                                            state, JSON), meta (config + dataset info, JSON)
+    commits/<step>.json                     written only after the save has fully finished;
+                                            holds a manifest (relative path -> size in bytes)
+
+A step without a commit marker (torn: the process died mid-save) or whose files no longer match
+its manifest (truncated / deleted files) is skipped with a warning and never restored; the
+previous committed step is used instead. Saves are asynchronous; markers are written once Orbax
+reports the save finished (checked at every step boundary and at exit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _manifest(step_dir: pathlib.Path) -> dict[str, int]:
+  return {str(p.relative_to(step_dir)): p.stat().st_size
+          for p in sorted(step_dir.rglob("*")) if p.is_file()}
+
+
+class Checkpointer:
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    self.workdir = pathlib.Path(workdir)
+    self.root = self.workdir / "checkpoints"
+    self.commits = self.workdir / "commits"
+    self.commits.mkdir(parents=True, exist_ok=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self.mngr = ocp.CheckpointManager(self.root.absolute(), options=options,
+                                      item_names=("state", "data", "meta"))
+    self._pending: list[int] = []
+
+  # ---- saving ----
+  def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state),
+                              meta=ocp.args.JsonSave(meta))
+    self.mngr.save(step, args=args, force=True)
+    self._pending.append(step)
+    self.commit_finished()
+
+  def commit_finished(self) -> None:
+    """Write commit markers for saves that have fully finished (cheap; call every step)."""
+    if not self._pending or self.mngr.is_saving_in_progress():
+      return
+    for step in self._pending:
+      step_dir = self.root / str(step)
+      if step_dir.is_dir() and jax.process_index() == 0:
+        tmp = self.commits / f".{step}.json.tmp"
+        tmp.write_text(json.dumps({"step": step, "files": _manifest(step_dir)}))
+        os.replace(tmp, self.commits / f"{step}.json")
+    self._pending.clear()
+
+  def wait(self) -> None:
+    self.mngr.wait_until_finished()
+    self.commit_finished()
+
+  def close(self) -> None:
+    self.wait()
+    self.mngr.close()
+
+  # ---- restoring ----
+  def _valid(self, step: int) -> bool:
+    marker = self.commits / f"{step}.json"
+    step_dir = self.root / str(step)
+    if not marker.exists():
+      _log.warning("checkpoint step %d in %s has no commit marker (torn or interrupted save); "
+                   "ignoring it", step, self.root)
+      return False
+    try:
+      expected = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+      _log.warning("commit marker %s is unreadable (%s); ignoring step %d", marker, e, step)
+      return False
+    actual = _manifest(step_dir) if step_dir.is_dir() else {}
+    bad = [f for f, size in expected.items() if actual.get(f) != size]
+    if bad:
+      _log.warning("checkpoint step %d is corrupt (%d files missing or resized, e.g. %s); "
+                   "ignoring it", step, len(bad), bad[0])
+      return False
+    return True
+
+  def committed_steps(self) -> list[int]:
+    steps = sorted(set(self.mngr.all_steps()))
+    return [s for s in steps if self._valid(s)]
+
+  def latest_step(self) -> int | None:
+    steps = self.committed_steps()
+    return steps[-1] if steps else None
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
+    if not self._valid(step):
+      raise CheckpointError(f"checkpoint step {step} in {self.root} is not committed or is "
+                            f"corrupt; committed steps: {self.committed_steps()}")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    out = self.mngr.restore(step, args=args)
+    return out["state"], out["data"], out["meta"]
+
+  def restore_meta(self, step: int) -> dict:
+    out = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return out["meta"]

@@ -1,0 +1,278 @@
+"""``train_and_evaluate(cfg, workdir)``: the whole training run, importable and resumable.
+
+Re-running on the same workdir resumes from the latest committed checkpoint (model, optimizer,
+step, RNG and the grain iterator state), so a resumed run is bitwise identical on CPU to an
+uninterrupted one. SIGTERM saves a checkpoint at the next step boundary and returns cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+
+from sparsejax import data as sdata
+from sparsejax.config import Config, ConfigError, from_config_dict
+from sparsejax.parallel import sharding as shd
+from sparsejax.scaling import flops
+from sparsejax.train import step as steplib
+from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.metrics import MetricWriter
+from sparsejax.train.optim import make_optimizer
+from sparsejax.train.state import abstract_state, init_state, model_spec
+
+_log = logging.getLogger("sparsejax")
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many non-finite steps in a row; the workdir keeps its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  workdir: pathlib.Path
+  step: int
+  last_metrics: dict
+  eval_metrics: dict | None
+  preempted: bool
+
+
+class _SigtermFlag:
+  """Sets a flag on SIGTERM (main thread only); the loop saves and stops at a step boundary."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.raised = True
+    _log.warning("SIGTERM received: will save a checkpoint and stop at the next step")
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def resolve_dataset(cfg: Config) -> pathlib.Path:
+  if cfg.data.path:
+    path = pathlib.Path(cfg.data.path).expanduser()
+    if not (path / "metadata.json").exists():
+      raise FileNotFoundError(
+          f"config.data.path: {path} is not a prepared dataset (no metadata.json); run "
+          f"`python -m sparsejax.data.prepare --input <text files> --out {path}` first")
+    return path
+  return sdata.ensure_default_dataset(cfg.data.tokenizer)
+
+
+def _check_workdir_config(workdir: pathlib.Path, cfg: Config) -> None:
+  """Refuse to resume a workdir whose model differs: its checkpoints would not fit."""
+  saved_path = workdir / "config.json"
+  if not saved_path.exists():
+    return
+  saved = json.loads(saved_path.read_text())
+  now = cfg.to_dict()
+  for section in ("model", "attention", "ffn"):
+    for key, value in now[section].items():
+      old = saved.get(section, {}).get(key)
+      if isinstance(old, list):
+        old = tuple(tuple(v) if isinstance(v, list) else v for v in old)
+      if old != value:
+        raise ConfigError(f"config.{section}.{key}: {value!r} differs from {old!r} in the run "
+                          f"already in {workdir}; use a new --workdir or the same config")
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding, global_batch_size: int) -> dict:
+  return {k: jax.make_array_from_process_local_data(
+      sharding, v, (global_batch_size,) + v.shape[1:]) for k, v in local.items()}
+
+
+def _host_scalars(metrics: dict) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluate_params(eval_fn, params, batches, sharding, bytes_per_token: float) -> dict:
+  """Run the jitted eval step over host batches and reduce to loss / ppl / bits-per-byte."""
+  totals = {"ce_sum": 0.0, "count": 0.0, "correct": 0.0}
+  for batch in batches:
+    sums = jax.device_get(eval_fn(params, _global_batch(batch, sharding, len(batch["inputs"]))))
+    for k in totals:
+      totals[k] += float(sums[k])
+  return steplib.summarize_eval(totals, bytes_per_token)
+
+
+def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
+                       devices: list | None = None) -> RunResult:
+  """Train `cfg` in `workdir` (resuming if it holds checkpoints) on `devices` (default: all)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_workdir_config(workdir, cfg)
+  dataset_dir = resolve_dataset(cfg)
+  train_ds = sdata.TokenDataset(dataset_dir, "train")
+  vocab = train_ds.vocab_size
+  if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
+    raise ConfigError(f"config.model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+                      f"dataset's vocabulary ({vocab}); set it to 0 to use the dataset's")
+  vocab = max(vocab, cfg.model.vocab_size)
+
+  devices = list(devices) if devices is not None else jax.devices()
+  mesh = shd.make_mesh(cfg.mesh, devices)
+  rules = shd.rules_of(cfg.mesh)
+  micro = cfg.data.global_batch_size // cfg.train.grad_accum_steps
+  shards = shd.batch_shards(mesh, rules)
+  if micro % shards:
+    raise ConfigError(f"config.data.global_batch_size: micro-batch {micro} (global batch / "
+                      f"grad_accum_steps) must divide by the {shards} batch shards of the mesh")
+  if cfg.data.global_batch_size % jax.process_count():
+    raise ConfigError(f"config.data.global_batch_size: must divide by the "
+                      f"{jax.process_count()} processes")
+
+  spec = model_spec(cfg, vocab)
+  optimizer = make_optimizer(cfg)
+  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
+                      async_save=cfg.train.async_checkpoint)
+  writer = MetricWriter(workdir)
+  counts = flops.count(spec.abstract_model, cfg)
+  peak = flops.peak_tflops(devices[0].device_kind, cfg.train.peak_tflops_per_device)
+  tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+
+  it = sdata.make_train_iterator(dataset_dir, seq_len=cfg.data.seq_len,
+                                 global_batch_size=cfg.data.global_batch_size,
+                                 seed=cfg.train.seed)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    target, shardings = abstract_state(spec, mesh, optimizer)
+    state, data_state, _ = ckpt.restore(latest, target)
+    it.set_state(data_state)
+    writer.truncate_after(latest)
+    _log.info("resumed from checkpoint step %d in %s", latest, ckpt.root)
+  else:
+    state, shardings = init_state(spec, mesh, optimizer)
+  start = int(jax.device_get(state["step"]))
+
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(cfg.to_json())
+    info = {"dataset": str(dataset_dir), "vocab_size": vocab, "devices": len(devices),
+            "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+            "processes": jax.process_count(), "tokens_per_step": tokens_per_step,
+            "peak_tflops_per_device": peak, **counts.as_metrics()}
+    (workdir / "run_info.json").write_text(json.dumps(info, indent=1))
+    _log.info("model: %s", json.dumps(info))
+
+  batch_sh = shd.batch_sharding(mesh, rules)
+  with shd.activation_sharding(mesh, rules):
+    train_fn = jax.jit(steplib.make_train_step(spec.graphdef, cfg, optimizer),
+                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                       donate_argnums=0)
+    eval_fn = jax.jit(steplib.make_eval_step(spec.graphdef),
+                      in_shardings=(shardings["params"], batch_sh))
+  val_batches = _val_batches(dataset_dir, cfg)
+  val_bpt = sdata.TokenDataset(dataset_dir, "val").bytes_per_token if val_batches else 1.0
+  meta = {"config": cfg.to_dict(), "dataset": str(dataset_dir), "vocab_size": vocab}
+
+  def save(step_no):
+    ckpt.save(step_no, state, it.get_state(), meta)
+
+  def run_eval(step_no):
+    if not val_batches:
+      return None
+    with shd.activation_sharding(mesh, rules):
+      result = evaluate_params(eval_fn, state["params"], val_batches, batch_sh, val_bpt)
+    writer.write(step_no, {k: v for k, v in result.items()}, prefix="eval/")
+    _log.info("eval step %d: %s", step_no, json.dumps(result))
+    return result
+
+  bar = None
+  if cfg.train.progress_bar and jax.process_index() == 0:
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", mininterval=2.0)
+
+  last, eval_result, preempted = {}, None, False
+  t_window, steps_window = time.perf_counter(), 0
+  prev = None
+  with _SigtermFlag() as sigterm, shd.activation_sharding(mesh, rules):
+    for step_no in range(start, cfg.train.steps):
+      batch = _global_batch(next(it), batch_sh, cfg.data.global_batch_size)
+      state, metrics = train_fn(state, batch)
+      done = step_no + 1
+      # Check the previous step's finiteness while this one runs (one step of lag, no stall).
+      if prev is not None:
+        _check_finite(prev, cfg, ckpt)
+      prev = metrics
+      steps_window += 1
+      if done % cfg.train.log_every_steps == 0 or done == cfg.train.steps:
+        last = _host_scalars(metrics)
+        dt = time.perf_counter() - t_window
+        last["tokens_per_s"] = tokens_per_step * steps_window / dt
+        last["step_ms"] = 1000.0 * dt / steps_window
+        last["flops_per_token"] = counts.flops_per_token
+        if peak:
+          last["mfu"] = (counts.flops_per_token * last["tokens_per_s"]
+                         / (peak * 1e12 * len(devices)))
+        last["perplexity"] = float(np.exp(min(last["ce_loss"], 700.0)))
+        last["bits_per_byte"] = last["ce_loss"] / np.log(2) / train_ds.bytes_per_token
+        writer.write(done, last)
+        if bar is not None:
+          bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        t_window, steps_window = time.perf_counter(), 0
+      if bar is not None:
+        bar.update(1)
+      if cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0 \
+          and done != cfg.train.steps:
+        eval_result = run_eval(done)
+      ckpt.commit_finished()
+      stop = sigterm.raised or (jax.process_count() > 1 and ckpt.mngr.reached_preemption(done))
+      slot_end = done == cfg.train.stop_at_step
+      if stop or slot_end or done == cfg.train.steps or (
+          cfg.train.checkpoint_every_steps and done % cfg.train.checkpoint_every_steps == 0):
+        _check_finite(metrics, cfg, ckpt)
+        save(done)
+      if stop:
+        preempted = True
+        _log.warning("stopped at step %d by SIGTERM; checkpoint saved; re-run the same command "
+                     "to resume", done)
+        break
+      if slot_end:
+        _log.info("stopped at config.train.stop_at_step=%d; re-run to continue", done)
+        break
+    if prev is not None:
+      _check_finite(prev, cfg, ckpt)
+  if bar is not None:
+    bar.close()
+  final_step = int(jax.device_get(state["step"]))
+  if not preempted and final_step == cfg.train.steps:
+    eval_result = run_eval(final_step)
+  ckpt.close()
+  writer.close()
+  return RunResult(workdir, final_step, last, eval_result, preempted)
+
+
+def _val_batches(dataset_dir, cfg: Config):
+  try:
+    return sdata.make_eval_batches(dataset_dir, seq_len=cfg.data.seq_len,
+                                   batch_size=cfg.data.global_batch_size,
+                                   max_batches=cfg.train.eval_batches)
+  except ValueError as e:  # val split shorter than one window
+    _log.warning("no periodic eval: %s", e)
+    return []
+
+
+def _check_finite(metrics, cfg: Config, ckpt: Checkpointer) -> None:
+  in_a_row = int(jax.device_get(metrics["nonfinite_in_a_row"]))
+  if in_a_row >= cfg.train.max_nonfinite_in_a_row:
+    ckpt.wait()
+    raise TrainingDiverged(
+        f"{in_a_row} consecutive steps had a non-finite loss or gradient (updates were skipped); "
+        f"last committed checkpoint: step {ckpt.latest_step()}; lower config.optim.lr, raise "
+        f"config.optim.warmup_steps or check the data, then re-run to resume")

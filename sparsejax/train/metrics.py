@@ -1,0 +1,69 @@
+"""Metric sinks: ``metrics.jsonl`` (one JSON object per logged step), tensorboardX event files
+under ``tensorboard/``. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+    self.workdir = pathlib.Path(workdir)
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.jsonl = self.workdir / "metrics.jsonl"
+    self.tb_dir = self.workdir / "tensorboard"
+    self._tb = None
+
+  @property
+  def tb(self):
+    if self._tb is None and self.enabled:
+      from tensorboardX import SummaryWriter  # imported only where used
+      self._tb = SummaryWriter(str(self.tb_dir), flush_secs=10)
+    return self._tb
+
+  def truncate_after(self, step: int) -> None:
+    """Drop records logged after `step` (they belong to a run that is being resumed from it),
+    so a resumed metrics.jsonl reads like an uninterrupted one. Rewritten atomically."""
+    if not self.enabled or not self.jsonl.exists():
+      return
+    kept = []
+    for line in self.jsonl.read_text().splitlines():
+      try:
+        if json.loads(line).get("step", 0) <= step:
+          kept.append(line)
+      except json.JSONDecodeError:
+        continue  # a line torn by a crash mid-write
+    tmp = self.jsonl.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, self.jsonl)
+
+  def write(self, step: int, scalars: dict[str, float], *, prefix: str = "") -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    for k, v in scalars.items():
+      v = float(v)
+      record[prefix + k] = v if math.isfinite(v) else str(v)
+    with self.jsonl.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in scalars.items():
+      self.tb.add_scalar(prefix + k, float(v), int(step))
+
+  def histogram(self, step: int, name: str, values) -> None:
+    if self.enabled:
+      self.tb.add_histogram(name, np.asarray(values), int(step))
+
+  def text(self, step: int, name: str, value: str) -> None:
+    if self.enabled:
+      self.tb.add_text(name, value, int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None

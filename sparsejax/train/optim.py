@@ -1,0 +1,48 @@
+"""Optimizer: AdamW with warmup + (cosine | linear | wsd | constant), global-norm clipping and a
+weight-decay mask (no decay on vectors: norms and biases; embeddings optional)."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from sparsejax.config import Config
+
+
+def lr_schedule(cfg: Config) -> optax.Schedule:
+  o, steps = cfg.optim, cfg.train.steps
+  peak, floor, warm = o.lr, o.lr * o.min_lr_ratio, o.warmup_steps
+  warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
+  rest = max(steps - warm, 1)
+  if o.schedule == "constant":
+    main = optax.constant_schedule(peak)
+  elif o.schedule == "cosine":
+    main = optax.cosine_decay_schedule(peak, rest, alpha=o.min_lr_ratio)
+  elif o.schedule == "linear":
+    main = optax.linear_schedule(peak, floor, rest)
+  else:  # wsd: warmup, stable at peak, linear decay over the last wsd_decay_fraction of steps
+    decay = max(int(round(steps * o.wsd_decay_fraction)), 1)
+    stable = max(rest - decay, 0)
+    main = optax.join_schedules([optax.constant_schedule(peak),
+                                 optax.linear_schedule(peak, floor, decay)], [stable])
+  if warm == 0:
+    return main
+  return optax.join_schedules([warmup, main], [warm])
+
+
+def decay_mask(params, cfg: Config):
+  """True where weight decay applies: matrices (ndim >= 2), embeddings only if configured."""
+  def leaf_mask(path, x):
+    name = jax.tree_util.keystr(path)
+    if "embed_VxD" in name and not cfg.optim.decay_embeddings:
+      return False
+    return x.ndim >= 2
+  return jax.tree_util.tree_map_with_path(leaf_mask, params)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  o = cfg.optim
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts.append(optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay, mask=lambda p: decay_mask(p, cfg)))
+  return optax.chain(*parts)

@@ -1,0 +1,121 @@
+"""The functional train state and its shardings.
+
+The whole state is one pytree of arrays (a plain dict), so jit, donation and Orbax see exactly
+what the step needs:
+
+    {"params": <pure dict>, "opt_state": <optax state>, "step": int32[],
+     "rng": uint32[2], "nonfinite_total": int32[], "nonfinite_in_a_row": int32[]}
+
+``rng`` is the run's base key; per-step randomness is ``fold_in(rng, step)`` so that resume is
+exact without saving a key per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sparsejax.config import Config
+from sparsejax.models.transformer import Transformer, build_model
+from sparsejax.parallel.sharding import logical_to_spec, rules_of
+from sparsejax.train.optim import make_optimizer
+
+
+@dataclasses.dataclass
+class ModelSpec:
+  """Everything static about a model: graph, abstract params, their logical axes."""
+  cfg: Config
+  vocab_size: int                 # dataset vocabulary (before padding)
+  graphdef: Any
+  abstract_model: Transformer     # parameters are ShapeDtypeStructs
+  abstract_params: dict           # pure dict of ShapeDtypeStruct
+  logical_axes: dict              # pure dict of tuples (same structure as params)
+
+
+def model_spec(cfg: Config, vocab_size: int) -> ModelSpec:
+  abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size))
+  graphdef, state = nnx.split(abstract)
+  logical: dict = {}
+  for path, var in nnx.split(abstract, nnx.Param)[1].flat_state():
+    axes = var.get_metadata().get("logical_axes")
+    if axes is None:
+      raise ValueError(f"parameter {'/'.join(map(str, path))} has no logical axes; "
+                       "create it with nnx.Param(..., logical_axes=(...))")
+    node = logical
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = tuple(axes)
+  params = state.to_pure_dict()
+  if jax.tree.structure(params) != jax.tree.structure(
+      logical, is_leaf=lambda x: isinstance(x, tuple)):
+    raise ValueError("only nnx.Param variables may hold model state (found other variables)")
+  return ModelSpec(cfg, vocab_size, graphdef, abstract, params, logical)
+
+
+def param_shardings(spec: ModelSpec, mesh: Mesh) -> dict:
+  rules = rules_of(spec.cfg.mesh)
+  return jax.tree.map(
+      lambda x, axes: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),
+      spec.abstract_params, spec.logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _opt_shardings(opt_state_shape, params_shape, p_shardings, mesh):
+  """Optimizer moments mirror the parameters; everything else (counts) is replicated."""
+  by_path = {jax.tree_util.keystr(p): (x.shape, s) for (p, x), s in zip(
+      jax.tree_util.tree_leaves_with_path(params_shape), jax.tree.leaves(p_shardings))}
+
+  def pick(path, x):
+    key = jax.tree_util.keystr(path)
+    for pkey, (shape, sharding) in by_path.items():
+      if key.endswith(pkey) and tuple(x.shape) == tuple(shape):
+        return sharding
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(pick, opt_state_shape)
+
+
+def state_shardings(spec: ModelSpec, mesh: Mesh, optimizer: optax.GradientTransformation):
+  p_sh = param_shardings(spec, mesh)
+  opt_shape = jax.eval_shape(optimizer.init, spec.abstract_params)
+  replicated = NamedSharding(mesh, P())
+  return {"params": p_sh,
+          "opt_state": _opt_shardings(opt_shape, spec.abstract_params, p_sh, mesh),
+          "step": replicated, "rng": replicated, "nonfinite_total": replicated,
+          "nonfinite_in_a_row": replicated}
+
+
+def init_state(spec: ModelSpec, mesh: Mesh, optimizer=None):
+  """Materialise a fresh train state directly into its shardings (no host-side full copy)."""
+  cfg = spec.cfg
+  optimizer = optimizer or make_optimizer(cfg)
+  shardings = state_shardings(spec, mesh, optimizer)
+
+  def init():
+    params = nnx.split(build_model(cfg, spec.vocab_size, seed=cfg.train.seed))[1].to_pure_dict()
+    return {"params": params, "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)).astype(jnp.uint32),
+            "nonfinite_total": jnp.zeros((), jnp.int32),
+            "nonfinite_in_a_row": jnp.zeros((), jnp.int32)}
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def abstract_state(spec: ModelSpec, mesh: Mesh, optimizer=None):
+  """ShapeDtypeStructs with shardings: the restore target for Orbax (any mesh)."""
+  optimizer = optimizer or make_optimizer(spec.cfg)
+  shardings = state_shardings(spec, mesh, optimizer)
+
+  def shapes():
+    params = spec.abstract_params
+    return {"params": params, "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": jnp.zeros((2,), jnp.uint32),
+            "nonfinite_total": jnp.zeros((), jnp.int32),
+            "nonfinite_in_a_row": jnp.zeros((), jnp.int32)}
+  shape_tree = jax.eval_shape(shapes)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shape_tree, shardings), shardings

@@ -1,0 +1,37 @@
+"""Test set-up: 8 fake CPU devices (before jax is imported), a persistent compilation cache,
+and one prepared copy of the embedded default corpus shared by all tests and xdist workers."""
+
+import fcntl
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CACHE = pathlib.Path(os.environ.get("SPARSEJAX_TEST_CACHE", REPO / ".cache"))
+os.environ.setdefault("SPARSEJAX_DATA_DIR", str(CACHE / "datasets"))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", str(CACHE / "jax-compile"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def default_dataset() -> pathlib.Path:
+  """The byte-level stdlib corpus, prepared once (file lock: xdist workers share it)."""
+  from sparsejax.data import ensure_default_dataset
+  CACHE.mkdir(parents=True, exist_ok=True)
+  with open(CACHE / "datasets.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      return ensure_default_dataset("byte")
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def one_device():
+  return jax.devices()[:1]
