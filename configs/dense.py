@@ -50,6 +50,8 @@ def base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   c = base()
+  if preset in ("tiny", "small"):
+    c.model.compute_dtype = "float32"  # CPU presets: XLA:CPU emulates bf16 matmuls slowly
   if preset == "tiny":
     c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2)
     c.data.update(seq_len=64, global_batch_size=8)

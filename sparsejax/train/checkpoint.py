@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -77,6 +78,22 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self.mngr.close()
+
+  def quarantine_after(self, step: int | None) -> None:
+    """Move every step after `step` (torn or corrupt ones we are not resuming from) out of the
+    way, into ``quarantine/``, so new saves of those step numbers can proceed. Nothing is
+    deleted."""
+    later = [s for s in self.mngr.all_steps() if step is None or s > step]
+    if not later or jax.process_index() != 0:
+      return
+    qdir = self.workdir / "quarantine"
+    qdir.mkdir(exist_ok=True)
+    for s in later:
+      dest = qdir / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+      _log.warning("moving unusable checkpoint step %d to %s", s, dest)
+      os.replace(self.root / str(s), dest)
+      (self.commits / f"{s}.json").unlink(missing_ok=True)
+    self.mngr.reload()
 
   # ---- restoring ----
   def _valid(self, step: int) -> bool:

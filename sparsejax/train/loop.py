@@ -116,9 +116,9 @@ def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
                        devices: list | None = None) -> RunResult:
   """Train `cfg` in `workdir` (resuming if it holds checkpoints) on `devices` (default: all)."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   _check_workdir_config(workdir, cfg)
-  dataset_dir = resolve_dataset(cfg)
+  dataset_dir = resolve_dataset(cfg)  # bad inputs fail before anything is written
+  workdir.mkdir(parents=True, exist_ok=True)
   train_ds = sdata.TokenDataset(dataset_dir, "train")
   vocab = train_ds.vocab_size
   if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
@@ -151,6 +151,7 @@ def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
                                  global_batch_size=cfg.data.global_batch_size,
                                  seed=cfg.train.seed)
   latest = ckpt.latest_step()
+  ckpt.quarantine_after(latest)
   if latest is not None:
     target, shardings = abstract_state(spec, mesh, optimizer)
     state, data_state, _ = ckpt.restore(latest, target)

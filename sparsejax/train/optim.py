@@ -12,7 +12,8 @@ from sparsejax.config import Config
 def lr_schedule(cfg: Config) -> optax.Schedule:
   o, steps = cfg.optim, cfg.train.steps
   peak, floor, warm = o.lr, o.lr * o.min_lr_ratio, o.warmup_steps
-  warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
+  # Linear warmup that reaches `peak` at update `warm - 1`; the first update is not wasted.
+  warmup = optax.linear_schedule(peak / max(warm, 1), peak, max(warm - 1, 1))
   rest = max(steps - warm, 1)
   if o.schedule == "constant":
     main = optax.constant_schedule(peak)

@@ -42,7 +42,7 @@ def model_spec(cfg: Config, vocab_size: int) -> ModelSpec:
   abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size))
   graphdef, state = nnx.split(abstract)
   logical: dict = {}
-  for path, var in nnx.split(abstract, nnx.Param)[1].flat_state():
+  for path, var in nnx.to_flat_state(nnx.split(abstract, nnx.Param)[1]):
     axes = var.get_metadata().get("logical_axes")
     if axes is None:
       raise ValueError(f"parameter {'/'.join(map(str, path))} has no logical axes; "
@@ -51,7 +51,7 @@ def model_spec(cfg: Config, vocab_size: int) -> ModelSpec:
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = tuple(axes)
-  params = state.to_pure_dict()
+  params = nnx.to_pure_dict(state)
   if jax.tree.structure(params) != jax.tree.structure(
       logical, is_leaf=lambda x: isinstance(x, tuple)):
     raise ValueError("only nnx.Param variables may hold model state (found other variables)")
@@ -96,7 +96,7 @@ def init_state(spec: ModelSpec, mesh: Mesh, optimizer=None):
   shardings = state_shardings(spec, mesh, optimizer)
 
   def init():
-    params = nnx.split(build_model(cfg, spec.vocab_size, seed=cfg.train.seed))[1].to_pure_dict()
+    params = nnx.to_pure_dict(nnx.split(build_model(cfg, spec.vocab_size, seed=cfg.train.seed))[1])
     return {"params": params, "opt_state": optimizer.init(params),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)).astype(jnp.uint32),

@@ -23,7 +23,7 @@ def _collect_sown(model) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Pop everything layers sowed: (sum of aux losses, {name: value} metrics)."""
   aux = jnp.zeros((), jnp.float32)
   metrics = {}
-  for path, var in nnx.pop(model, nnx.Intermediate).flat_state():
+  for path, var in nnx.to_flat_state(nnx.pop(model, nnx.Intermediate)):
     value = var.value if hasattr(var, "value") else var
     value = value[-1] if isinstance(value, tuple) else value
     name = "/".join(map(str, path))
@@ -96,7 +96,7 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
       (loss, sums, aux, sown, grads), _ = jax.lax.scan(body, (l0, s0, a0, sw0, g0), rest)
       aux, sown = aux / accum, jax.tree.map(lambda v: v / accum, sown)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -111,7 +111,9 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
     ce = sums["ce_sum"] / sums["count"]
     metrics = {"loss": loss, "ce_loss": ce, "z_loss": sums["z_sum"] / sums["count"],
                "aux_loss": aux, "accuracy": sums["correct"] / sums["count"],
-               "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "grad_norm": grad_norm,
+               # the optimizer counts applied updates only (skipped steps do not advance it)
+               "lr": schedule(state["step"] - state["nonfinite_total"]),
                "update_skipped": (~finite).astype(jnp.float32),
                "nonfinite_in_a_row": in_a_row, "nonfinite_total": new_state["nonfinite_total"],
                **{f"sown/{k}": v for k, v in sown.items()},
