@@ -44,12 +44,9 @@ GIB = 1024 ** 3
 
 def matmul_tflops(n: int, dtype: str, reps: int, inner: int) -> float:
   """Best-of-`reps` TFLOP/s of an n x n x n matmul; each rep dispatches `inner` back to back."""
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), dtype)
-  b = jax.random.normal(kb, (n, n), dtype)
+  a, b = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
   f = jax.jit(lambda x, y: x @ y)
-  for _ in range(2):
-    f(a, b).block_until_ready()
+  f(a, b).block_until_ready(), f(a, b).block_until_ready()  # compile, warm up
   best_s = float("inf")
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -63,23 +60,14 @@ def matmul_tflops(n: int, dtype: str, reps: int, inner: int) -> float:
 def resolve_key(key: str) -> str:
   """``remat`` -> ``model.remat``: an alias, or a field name unique across config sections."""
   from sparsejax.config import Config
-  if "." in key:
-    return key
-  if key in ALIASES:
-    return ALIASES[key]
+  if "." in key or key in ALIASES:
+    return ALIASES.get(key, key)
   hits = [f"{sec}.{key}" for sec, fields in Config().to_dict().items()
           if isinstance(fields, dict) and key in fields]
   if len(hits) != 1:
     raise SystemExit(f"override key {key!r}: {'ambiguous: ' + ', '.join(hits) if hits else 'unknown'}"
                      "; write section.key")
   return hits[0]
-
-
-def parse_value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
 
 
 def parse_overrides(text: str) -> dict:
@@ -90,7 +78,10 @@ def parse_overrides(text: str) -> dict:
       key, sep, value = pair.partition("=")
       if not sep:
         raise SystemExit(f"override {pair!r}: expected key=value")
-      out[resolve_key(key.strip())] = parse_value(value.strip())
+      try:
+        out[resolve_key(key.strip())] = ast.literal_eval(value.strip())
+      except (ValueError, SyntaxError):
+        out[resolve_key(key.strip())] = value.strip()
   return out
 
 
@@ -112,10 +103,8 @@ def parse_variants(text: str | None) -> list[tuple[str, dict]]:
 
 def vocab_of(cfg, vocab: int) -> int:
   tok = cfg.data.tokenizer
-  if vocab or cfg.model.vocab_size:
-    return vocab or cfg.model.vocab_size
-  if tok == "byte":
-    return 257  # sparsejax.data.tokenizers.ByteTokenizer: 256 bytes + eos
+  if vocab or cfg.model.vocab_size or tok == "byte":
+    return vocab or cfg.model.vocab_size or 257  # ByteTokenizer: 256 bytes + eos
   if tok.startswith("bpe:"):
     return int(tok.split(":", 1)[1])
   raise SystemExit(f"cannot infer the vocabulary of tokenizer {tok!r}; pass --vocab")
@@ -203,8 +192,8 @@ def environment() -> dict:
           "device_count": jax.device_count(), "process_count": jax.process_count(),
           "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "python": platform.python_version(),
-          "cpu_count": os.cpu_count(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "git_commit": commit,
+          "cpu_count": os.cpu_count(), "git_commit": commit,
+          "env": {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))},
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "loadavg_start": os.getloadavg()}
 

@@ -113,7 +113,8 @@ def test_size_presets_grow_monotonically():
 # ---------------------------------------------------------------------------------------------
 
 def _hand_count(cfg, vocab):
-  """Convention of sparsejax/scaling/flops.py, recomputed from the config's dims."""
+  """Convention of sparsejax/scaling/flops.py, recomputed from the config's dims: matmul
+  weights only (norm scales, including qk-norm's, are parameters but not matmul weights)."""
   d, L, H = cfg.model.d_model, cfg.model.num_layers, cfg.model.num_heads
   K = cfg.model.num_kv_heads or H
   Dh = cfg.model.head_dim or d // H
@@ -125,14 +126,18 @@ def _hand_count(cfg, vocab):
   head = V * d                                          # output projection (tied or not)
   matmul = L * (attn + ffn) + head
   norms = L * 2 * d + d                                 # per block 2 RMSNorms + final
+  if cfg.attention.qk_norm:
+    norms += L * 2 * Dh                                 # q_norm, k_norm scales
   total = V * d + L * (attn + ffn) + norms + (0 if cfg.model.tie_embeddings else V * d)
   fwd = 2 * matmul + 2 * T * H * Dh * L                 # causal attention: 2·T·H·Dh per layer
   return dict(V=V, F=F, matmul=matmul, total=total, fwd=fwd, train=3 * fwd)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_flops_match_hand_count_tiny(tie):
-  cfg = load_config("configs/dense.py:tiny", **{"model.tie_embeddings": tie})
+@pytest.mark.parametrize("tie, qk_norm", [(True, False), (False, False), (True, True)],
+                         ids=["tied", "untied", "qk_norm"])
+def test_flops_match_hand_count_tiny(tie, qk_norm):
+  cfg = load_config("configs/dense.py:tiny", **{"model.tie_embeddings": tie,
+                                                "attention.qk_norm": qk_norm})
   vocab = 257
   hand = _hand_count(cfg, vocab)
   assert (hand["V"], hand["F"]) == (384, 192)  # the tiny dims this hand count assumes
@@ -145,6 +150,7 @@ def test_flops_match_hand_count_tiny(tie):
   H, Dh, L = cfg.model.num_heads, cfg.head_dim, cfg.model.num_layers
   assert c.flops_per_token == 6 * hand["matmul"] + 6 * T * H * Dh * L
   assert c.params_embedding == hand["V"] * d * (1 if tie else 2)
+  assert c.params_non_embedding == hand["total"] - c.params_embedding
   assert set(c.as_metrics()) >= {"flops_per_token", "params_total"}
 
 
@@ -241,6 +247,14 @@ def test_pattern_string_is_split():
 ])
 def test_inconsistent_values(key, value, name):
   assert name in _error(**{key: value})
+
+
+@pytest.mark.parametrize("key, value", [("model.head_dim", -16), ("ffn.d_ff", -64),
+                                        ("ffn.multiple_of", 0)])
+def test_nonpositive_shape_fields_rejected(key, value):
+  # Shape fields must fail at validation with their key, not later inside model building
+  # (ffn.multiple_of=0 is a ZeroDivisionError in Config.d_ff; negative sizes reach jax).
+  assert _error(**{key: value}).startswith(f"config.{key}:")
 
 
 def test_two_minus_one_mesh_axes():

@@ -331,7 +331,9 @@ def registered_ffn(name, ctor):
 def test_pattern_layer_with_sown_aux_loss():
   name = "test_aux_ffn"
   with registered_ffn(name, AuxFFN):
-    cfg = tiny(**{"ffn.pattern": ("dense", name), "optim.warmup_steps": 0})
+    # remat as in the size presets: sown values must survive nnx.remat too
+    cfg = tiny(**{"ffn.pattern": ("dense", name), "optim.warmup_steps": 0,
+                  "model.remat": "dots_no_batch"})
     assert cfg.layer_types() == [("dense", "dense"), ("dense", name)]
     model = build_model(cfg, VOCAB)
     assert isinstance(model.blocks[0].ffn, GatedFFN)

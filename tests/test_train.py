@@ -73,7 +73,9 @@ def test_loss_falls_on_default_corpus(tmp_path, default_dataset):
   assert curve[0] - np.mean(curve[-2:]) > 1.8, curve
   assert result.eval_metrics["bits_per_byte"] < 5.5
   assert result.eval_metrics["perplexity"] == pytest.approx(np.exp(result.eval_metrics["loss"]))
-  record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  assert records[0]["step"] == 0 and records[0]["model/params_total"] > 0
+  record = records[1]
   for key in ("step", "loss", "tokens_per_s", "perplexity", "bits_per_byte", "grad_norm", "lr",
               "flops_per_token"):
     assert key in record
@@ -231,3 +233,13 @@ def test_eval_cli_prints_one_json_line(tmp_path, baseline):
                         timeout=300)
   assert proc.returncode == 2
   assert "--step 7 is not a committed checkpoint" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (REPO / "configs").glob("*.py")))
+def test_every_config_files_tiny_preset_trains_two_steps(tmp_path, config_file, default_dataset):
+  cfg = load_config(f"configs/{config_file}:tiny", **{
+      "train.steps": 2, "optim.warmup_steps": 1, "train.log_every_steps": 1,
+      "train.eval_every_steps": 0, "train.checkpoint_every_steps": 0, "train.progress_bar": False})
+  result = looplib.train_and_evaluate(cfg, tmp_path, devices=jax.devices()[:1])
+  assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
+  assert Checkpointer(tmp_path).committed_steps() == [2]

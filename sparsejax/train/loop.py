@@ -170,6 +170,8 @@ def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
             "peak_tflops_per_device": peak, **counts.as_metrics()}
     (workdir / "run_info.json").write_text(json.dumps(info, indent=1))
     _log.info("model: %s", json.dumps(info))
+  if start == 0:
+    writer.write(0, counts.as_metrics(), prefix="model/")
 
   batch_sh = shd.batch_sharding(mesh, rules)
   with shd.activation_sharding(mesh, rules):

@@ -1,0 +1,39 @@
+"""``sparsejax <command> [flags]``: one console script over the module entry points.
+
+    sparsejax train    --config configs/dense.py:tiny --workdir runs/t   (= python -m sparsejax.train)
+    sparsejax eval     --workdir runs/t [--step N] [--data PATH]        (= python -m sparsejax.eval)
+    sparsejax prepare  [--input PATH ...] [--out DIR] [--tokenizer ...] (= python -m sparsejax.data.prepare)
+    sparsejax demo     [--workdir runs/default]                         (= python -m sparsejax.demo)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "sparsejax.train.__main__",
+    "eval": "sparsejax.eval.__main__",
+    "prepare": "sparsejax.data.prepare",
+    "demo": "sparsejax.demo",
+}
+REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    print(__doc__.strip(), file=sys.stderr)
+    sys.exit(2 if len(argv) >= 2 and argv[1] not in ("-h", "--help") else 0)
+  command = argv[1]
+  module = importlib.import_module(COMMANDS[command])  # defines only this command's flags
+  from absl import app, flags
+  if hasattr(module, "define_flags"):
+    module.define_flags()
+  if REQUIRED.get(command):
+    flags.mark_flags_as_required(REQUIRED[command])
+  app.run(module.main, argv=[f"sparsejax {command}"] + argv[2:])
+
+
+if __name__ == "__main__":
+  main()
