@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     module.define_flags()
   if REQUIRED.get(command):
     flags.mark_flags_as_required(REQUIRED[command])
-  app.run(module.main, argv=[f"sparsejax {command}"] + argv[2:])
+  from sparsejax.cli_common import flags_parser
+  app.run(module.main, argv=[f"sparsejax {command}"] + argv[2:],
+          flags_parser=flags_parser(f"sparsejax {command}"))
 
 
 if __name__ == "__main__":

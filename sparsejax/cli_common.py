@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import sys
@@ -36,3 +37,24 @@ def one_line_errors(prog: str):
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"{prog}: error: {type(e).__name__}: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def flags_parser(prog: str):
+  """An absl `flags_parser` that turns bad flags / config overrides into one line, exit 2.
+  (ml_collections raises AttributeError/KeyError for an unknown `--config.a.b`, which absl
+  would otherwise print as a traceback.)"""
+  def parse(argv):
+    from absl import flags
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+      text = str(e.args[0]) if e.args else str(e)
+      if text[:1] in "'\"":  # a repr()'d KeyError message nested in another error
+        try:
+          text = str(ast.literal_eval(text))
+        except (ValueError, SyntaxError):
+          pass
+      msg = " ".join(line.strip() for line in text.splitlines() if line.strip())
+      print(f"{prog}: error: bad flag: {msg or type(e).__name__}", file=sys.stderr)
+      sys.exit(2)
+  return parse

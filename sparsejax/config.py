@@ -263,6 +263,15 @@ def _check(cfg: Config) -> None:
   for key, value in positive.items():
     if value <= 0:
       raise ConfigError(f"{key}: must be > 0, got {value}")
+  non_negative = {"config.model.head_dim": m.head_dim, "config.model.num_kv_heads":
+                  m.num_kv_heads, "config.model.vocab_size": m.vocab_size,
+                  "config.ffn.d_ff": cfg.ffn.d_ff, "config.optim.warmup_steps":
+                  cfg.optim.warmup_steps, "config.train.stop_at_step": cfg.train.stop_at_step}
+  for key, value in non_negative.items():
+    if value < 0:
+      raise ConfigError(f"{key}: must be >= 0 (0 = derive / off), got {value}")
+  if cfg.ffn.multiple_of <= 0:
+    raise ConfigError(f"config.ffn.multiple_of: must be > 0, got {cfg.ffn.multiple_of}")
   if not m.head_dim and m.d_model % m.num_heads:
     raise ConfigError(f"config.model.num_heads: {m.num_heads} does not divide d_model "
                       f"{m.d_model}; set config.model.head_dim explicitly")

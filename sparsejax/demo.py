@@ -47,4 +47,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from sparsejax.cli_common import flags_parser
+  app.run(main, flags_parser=flags_parser("sparsejax.demo"))

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-from sparsejax import configs_loader
 from sparsejax.config import Config, ConfigError, from_config_dict, replace
 from sparsejax.configs_loader import load_config, load_config_dict
 from sparsejax.scaling import flops

@@ -27,4 +27,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  from sparsejax.cli_common import flags_parser
+  app.run(main, flags_parser=flags_parser("sparsejax.eval"))

@@ -46,6 +46,12 @@ def _module_params(module) -> int:
   return _size(nnx.state(module, nnx.Param))
 
 
+def _matmul_params(module) -> int:
+  """Weights that multiply activations: parameters with 2+ dims (norm scales are vectors)."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param))
+             if len(x.shape) >= 2)
+
+
 def count(model, cfg: Config) -> ModelCounts:
   """Counts for a (possibly abstract, from nnx.eval_shape) Transformer."""
   seq_len = cfg.data.seq_len
@@ -59,7 +65,7 @@ def count(model, cfg: Config) -> ModelCounts:
   for block in model.blocks:
     for sub in (block.attn, block.ffn):
       fn = getattr(sub, "active_params_per_token", None)
-      active += fn() if fn is not None else _module_params(sub)
+      active += fn() if fn is not None else _matmul_params(sub)
     fn = getattr(block.attn, "attention_flops_per_token", None)
     attn_fwd += (fn(seq_len) if fn is not None else
                  2.0 * seq_len * cfg.model.num_heads * cfg.head_dim)

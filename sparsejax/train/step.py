@@ -19,17 +19,17 @@ from flax import nnx
 from sparsejax.train.optim import lr_schedule
 
 
-def _collect_sown(model) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Pop everything layers sowed: (sum of aux losses, {name: value} metrics)."""
+def _collect_sown(intermediates) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Reduce what layers sowed: (sum of aux losses, {path: value} metrics)."""
   aux = jnp.zeros((), jnp.float32)
   metrics = {}
-  for path, var in nnx.to_flat_state(nnx.pop(model, nnx.Intermediate)):
-    value = var.value if hasattr(var, "value") else var
+  for path, var in nnx.to_flat_state(intermediates):
+    value = var.get_value() if isinstance(var, nnx.Variable) else var
     value = value[-1] if isinstance(value, tuple) else value
-    name = "/".join(map(str, path))
+    value = jnp.asarray(value, jnp.float32)
     if path[-1] == "aux_loss":
-      aux = aux + jnp.asarray(value, jnp.float32)
-    metrics[name] = jnp.asarray(value, jnp.float32)
+      aux = aux + value
+    metrics["/".join(map(str, path))] = value
   return aux, metrics
 
 
@@ -44,12 +44,12 @@ def token_losses(logits_BxTxV, targets_BxT):
 def forward_sums(graphdef, params, batch, z_loss: float):
   """Sums over the batch (so micro-batches add up exactly) and sown values."""
   model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"])
+  logits, intermediates = nnx.capture(model, nnx.Intermediate)(batch["inputs"])
   ce_BxT, lse_BxT = token_losses(logits, batch["targets"])
   w_BxT = batch.get("weights")
   if w_BxT is None:
     w_BxT = jnp.ones(ce_BxT.shape, jnp.float32)
-  aux, sown = _collect_sown(model)
+  aux, sown = _collect_sown(intermediates)
   sums = {"ce_sum": jnp.sum(ce_BxT * w_BxT), "z_sum": jnp.sum(lse_BxT ** 2 * w_BxT),
           "count": jnp.sum(w_BxT), "correct": jnp.sum(
               (jnp.argmax(logits, -1) == batch["targets"]) * w_BxT)}
