@@ -46,7 +46,8 @@ def matmul_tflops(n: int, dtype: str, reps: int, inner: int) -> float:
   """Best-of-`reps` TFLOP/s of an n x n x n matmul; each rep dispatches `inner` back to back."""
   a, b = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
   f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready(), f(a, b).block_until_ready()  # compile, warm up
+  for _ in range(2):  # compile, warm up
+    f(a, b).block_until_ready()
   best_s = float("inf")
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -65,8 +66,8 @@ def resolve_key(key: str) -> str:
   hits = [f"{sec}.{key}" for sec, fields in Config().to_dict().items()
           if isinstance(fields, dict) and key in fields]
   if len(hits) != 1:
-    raise SystemExit(f"override key {key!r}: {'ambiguous: ' + ', '.join(hits) if hits else 'unknown'}"
-                     "; write section.key")
+    why = f"ambiguous ({', '.join(hits)})" if hits else "unknown"
+    raise SystemExit(f"override key {key!r}: {why}; write section.key")
   return hits[0]
 
 
@@ -211,7 +212,8 @@ def print_table(rows: list[dict]) -> None:
     table.append([r["name"]] + ([f"ERROR {r['error'][:120]}"] if r.get("error") else
                                 [fmt.format(r[k]) if r.get(k) is not None else "-"
                                  for _, fmt, k in cols]))
-  widths = [max(len(row[i]) for row in table if len(row) > i) for i in range(len(cols) + 1)]
+  widths = [max(len(row[i]) for row in table if len(row) > 2 or i == 0)
+            for i in range(len(cols) + 1)]
   for row in table:
     print("  ".join(cell.ljust(widths[0]) if i == 0 else cell if len(row) == 2 else
                     cell.rjust(widths[i]) for i, cell in enumerate(row)))

@@ -2,11 +2,11 @@ r"""Dense decoder-only transformer (Llama-style: RoPE, RMSNorm, GQA, SwiGLU).
 
 Presets (``--config configs/dense.py:<preset>``):
 
-  tiny   2 layers, d=64: CPU tests, well under a second per step.
+  tiny   2 layers, d=64: CPU tests, ~10 ms per step.
   small  4 layers, d=256, seq 256: the README's demo on the embedded stdlib corpus (byte-level).
          python -m sparsejax.train --config configs/dense.py:small --workdir runs/small
-         On 2 CPU cores: ~1.6 s/step, 300 steps; train loss 5.6 -> ~1.3 nats/byte,
-         val bits-per-byte ~1.9 (see the issue notes for measured figures).
+         Measured on 2 CPU cores (float32 compute): ~1.1 s/step, 300 steps in 5.5 min;
+         train loss 5.6 -> ~1.6 nats/byte; full val split bits-per-byte 2.42.
   125m   GPT-3 Small shape  (d=768,  L=12, H=12)
   350m   GPT-3 Medium shape (d=1024, L=24, H=16)
   760m   GPT-3 Large shape  (d=1536, L=24, H=16)

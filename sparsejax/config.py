@@ -53,7 +53,8 @@ class AttentionConfig:
   pattern: tuple[str, ...] = ()  # e.g. ("dense", "dense", "block_sparse"); len divides num_layers
   rope_theta: float = 10000.0
   qk_norm: bool = False
-  impl: str = _choices("auto", "xla", "cudnn", default="auto")  # jax.nn.dot_product_attention
+  # jax.nn.dot_product_attention backend; auto = cudnn on GPU with 16-bit compute, else xla
+  impl: str = _choices("auto", "xla", "cudnn", default="auto")
 
 
 @dataclasses.dataclass(frozen=True)

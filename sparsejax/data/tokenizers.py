@@ -18,6 +18,7 @@ Conventions shared by every tokenizer:
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import pathlib
@@ -36,7 +37,7 @@ def file_sha256(path: str | os.PathLike) -> str:
   return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
   """Base class. Subclasses set ``name``, ``vocab_size`` and ``eos_id``."""
 
   name: str
@@ -47,14 +48,17 @@ class Tokenizer:
   path: pathlib.Path | None = None
   file_name: str | None = None
 
+  @abc.abstractmethod
   def encode(self, text: str) -> np.ndarray:
-    raise NotImplementedError(f"{type(self).__name__}.encode")
+    """Token ids of `text` (no eos appended)."""
 
+  @abc.abstractmethod
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    raise NotImplementedError(f"{type(self).__name__}.decode")
+    """Text of `ids` (special tokens skipped)."""
 
+  @abc.abstractmethod
   def spec(self) -> dict:
-    raise NotImplementedError(f"{type(self).__name__}.spec")
+    """JSON-serialisable description that `tokenizer_from_spec` rebuilds this from."""
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """Encodes each text; subclasses may override with a faster batch call."""

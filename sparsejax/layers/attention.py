@@ -10,7 +10,15 @@ from sparsejax.layers.common import DTYPES, RMSNorm, param, rope
 from sparsejax.layers.registry import register_attention
 from sparsejax.parallel.sharding import constrain
 
-_IMPL = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+
+
+def _resolve_impl(impl: str, dtype) -> str:
+  """"auto": cuDNN flash attention on NVIDIA GPUs for 16-bit compute, XLA elsewhere.
+  (jax.nn.dot_product_attention's own default is XLA, which materialises B·H·T² scores.)"""
+  if impl != "auto":
+    return impl
+  on_gpu = jax.devices()[0].platform == "gpu"
+  return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
 @register_attention("dense")
@@ -29,8 +37,8 @@ class DenseAttention(nnx.Module):
     self.q_norm = RMSNorm(dh, eps=cfg.model.norm_eps) if cfg.attention.qk_norm else None
     self.k_norm = RMSNorm(dh, eps=cfg.model.norm_eps) if cfg.attention.qk_norm else None
     self.rope_theta = cfg.attention.rope_theta
-    self.impl = _IMPL[cfg.attention.impl]
     self.dtype = DTYPES[cfg.model.compute_dtype]
+    self.impl = _resolve_impl(cfg.attention.impl, self.dtype)
 
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     dt = self.dtype
