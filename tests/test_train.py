@@ -45,8 +45,8 @@ def final_params(workdir, cfg, step=None):
 
 
 def losses(workdir):
-  return [(r["step"], r["loss"]) for r in map(json.loads, (workdir / "metrics.jsonl").open())
-          if "loss" in r]
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [(r["step"], r["loss"]) for r in map(json.loads, filter(None, lines)) if "loss" in r]
 
 
 def assert_trees_equal(a, b):
@@ -136,9 +136,11 @@ def test_sigterm_saves_and_resume_matches(tmp_path, default_dataset):
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:
-    jsonl = run / "metrics.jsonl"
-    if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3:
-      break
+    try:
+      if any(step >= 3 for step, _ in losses(run)):
+        break
+    except (FileNotFoundError, json.JSONDecodeError):  # not there yet / line being written
+      pass
     time.sleep(0.02)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
