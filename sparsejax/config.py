@@ -18,6 +18,10 @@ from typing import Any
 
 import ml_collections
 
+# Family sections live next to their layers' schema (pure dataclasses, no jax imports).
+from sparsejax.layers.moe_schema import MoEConfig
+from sparsejax.layers.pk_schema import MemoryConfig, PEERConfig
+
 
 class ConfigError(ValueError):
   """A config value is unknown, mistyped or inconsistent. The message is one line."""
@@ -59,9 +63,12 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FFNConfig:
-  """Feed-forward per layer: ``type`` for all layers, or ``pattern`` cycled over layers."""
+  """Feed-forward per layer: ``type`` for all layers, or ``pattern`` cycled over layers, then
+  ``first_k_dense`` and per-layer ``overrides`` (e.g. ("4:memory", "8:memory"))."""
   type: str = "dense"            # registry key, see sparsejax.layers.registry.FFN
-  pattern: tuple[str, ...] = ()
+  pattern: tuple[str, ...] = ()  # e.g. ("dense", "moe"): MoE every other layer
+  first_k_dense: int = 0         # the first k layers use "dense" whatever the pattern says
+  overrides: tuple[str, ...] = ()  # "<layer>:<type>" entries, applied last
   d_ff: int = 0                  # 0: 8/3 * d_model rounded up to multiple_of (SwiGLU budget)
   multiple_of: int = 64
   activation: str = _choices("swiglu", "geglu", default="swiglu")
@@ -120,6 +127,9 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
+  moe: MoEConfig = MoEConfig()
+  peer: PEERConfig = PEERConfig()
+  memory: MemoryConfig = MemoryConfig()
   attention: AttentionConfig = AttentionConfig()
   ffn: FFNConfig = FFNConfig()
   data: DataConfig = DataConfig()
@@ -154,13 +164,28 @@ class Config:
     n = self.model.num_layers
     attn = self.attention.pattern or (self.attention.type,)
     ffn = self.ffn.pattern or (self.ffn.type,)
-    return [(attn[i % len(attn)], ffn[i % len(ffn)]) for i in range(n)]
+    ffn_types = [("dense" if i < self.ffn.first_k_dense else ffn[i % len(ffn)])
+                 for i in range(n)]
+    for layer, name in _parse_overrides(self.ffn.overrides):
+      ffn_types[layer] = name
+    return [(attn[i % len(attn)], ffn_types[i]) for i in range(n)]
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+def _parse_overrides(entries: tuple[str, ...]) -> list[tuple[int, str]]:
+  out = []
+  for entry in entries:
+    layer, sep, name = entry.partition(":")
+    if not sep or not layer.strip().isdigit() or not name.strip():
+      raise ConfigError(f"config.ffn.overrides: {entry!r} must look like '<layer>:<type>', "
+                        "e.g. '4:memory'")
+    out.append((int(layer), name.strip()))
+  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,9 +314,21 @@ def _check(cfg: Config) -> None:
         if name not in reg:
           raise ConfigError(f"{key}: unknown {section} type {name!r}; registered: "
                             f"{', '.join(sorted(reg))}")
+    if section == "ffn":
+      for layer, name in _parse_overrides(sec.overrides):
+        if layer >= m.num_layers:
+          raise ConfigError(f"config.ffn.overrides: layer {layer} does not exist "
+                            f"(num_layers {m.num_layers})")
+        if name not in reg:
+          raise ConfigError(f"config.ffn.overrides: unknown ffn type {name!r}; registered: "
+                            f"{', '.join(sorted(reg))}")
     if sec.pattern and m.num_layers % len(sec.pattern):
       raise ConfigError(f"config.{section}.pattern: length {len(sec.pattern)} must divide "
                         f"num_layers {m.num_layers}")
+  if not 0 <= cfg.ffn.first_k_dense <= m.num_layers:
+    raise ConfigError(f"config.ffn.first_k_dense: must be in [0, num_layers={m.num_layers}]")
+  for check in registry.CHECKS:  # family-specific checks (e.g. MoE top_k <= num_experts)
+    check(cfg)
   if cfg.data.global_batch_size % cfg.train.grad_accum_steps:
     raise ConfigError(f"config.train.grad_accum_steps: {cfg.train.grad_accum_steps} must divide "
                       f"global_batch_size {cfg.data.global_batch_size}")

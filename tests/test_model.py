@@ -279,7 +279,7 @@ def test_remat_policies_match_no_remat():
 
   def loss_fn(graphdef):
     def f(p):
-      sums, _, _ = forward_sums(graphdef, p, batch, 1e-4)
+      sums, _, _, _ = forward_sums(graphdef, p, batch, 1e-4)
       return (sums["ce_sum"] + 1e-4 * sums["z_sum"]) / sums["count"]
     return jax.value_and_grad(f)
 
@@ -308,7 +308,7 @@ AUX_COEF = 0.25
 class AuxFFN(nnx.Module):
   """A linear FFN that sows AUX_COEF * ||W||^2 as an aux loss."""
 
-  def __init__(self, cfg, layer_idx, *, rngs):
+  def __init__(self, cfg, layer_idx, *, rngs, shared=None):
     d = cfg.model.d_model
     self.w_DxD = param(rngs, (d, d), ("embed", "mlp"), std=0.05)
     self.layer_idx = layer_idx

@@ -25,7 +25,7 @@ def _resolve_impl(impl: str, dtype) -> str:
 class DenseAttention(nnx.Module):
   """q heads H, kv heads K (K divides H), head dim Dh; causal softmax attention."""
 
-  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
     d, h, k, dh = cfg.model.d_model, cfg.model.num_heads, cfg.num_kv_heads, cfg.head_dim
     std, pdt = cfg.model.init_std, DTYPES[cfg.model.param_dtype]
     out_std = std / (2 * cfg.model.num_layers) ** 0.5

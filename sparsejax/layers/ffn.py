@@ -17,7 +17,7 @@ ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approxim
 class GatedFFN(nnx.Module):
   """y = (act(x W_gate) * (x W_up)) W_down, hidden size F = cfg.d_ff."""
 
-  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
     d, f = cfg.model.d_model, cfg.d_ff
     std, pdt = cfg.model.init_std, DTYPES[cfg.model.param_dtype]
     out_std = std / (2 * cfg.model.num_layers) ** 0.5

@@ -2,11 +2,21 @@
 
 A new layer family is one file that decorates its constructor with ``@register_attention(name)``
 or ``@register_ffn(name)``, plus one import line at the bottom of this module. Constructors take
-``(cfg: Config, layer_idx: int, *, rngs: nnx.Rngs)`` and return an ``nnx.Module`` whose
-``__call__(x_BxTxD, positions_BxT)`` (attention) or ``__call__(x_BxTxD)`` (ffn) returns an array
-of the same shape as ``x``. Auxiliary losses are reported with
-``self.sow(nnx.Intermediate, "aux_loss", value)`` and are added to the training loss; other
-sown values are logged as metrics.
+``(cfg: Config, layer_idx: int, *, rngs: nnx.Rngs, shared: dict)`` and return an ``nnx.Module``
+whose ``__call__(x_BxTxD, positions_BxT)`` (attention) or ``__call__(x_BxTxD)`` (ffn) returns an
+array of the same shape as ``x``.
+
+``shared`` is one dict per model: a family that shares a module across layers (the memory
+layers' value pool) creates it once with ``shared.setdefault(name, ...)`` — or
+``shared[name] = ...`` if absent — and keeps a reference; NNX stores a shared module once.
+
+Reporting from inside a layer (collected with ``nnx.capture``):
+  * ``self.sow(nnx.Intermediate, "aux_loss", scalar)``: added to the training loss;
+  * any other scalar name: logged as a metric ``sown/<path>``;
+  * a vector: logged as a TensorBoard histogram (plus its max/mean ratio as a scalar);
+  * a name starting with ``usage``: a count vector, summed over an eval window by the evaluator,
+    which reports the fraction of entries touched and the KL from uniform (key usage).
+``CHECKS`` holds family validators ``check(cfg)`` run by ``config.from_config_dict``.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from typing import Callable
 
 ATTENTION: dict[str, Callable] = {}
 FFN: dict[str, Callable] = {}
+CHECKS: list[Callable] = []
 
 
 def _register(table: dict, name: str):
@@ -32,6 +43,12 @@ def register_attention(name: str):
 
 def register_ffn(name: str):
   return _register(FFN, name)
+
+
+def register_check(fn: Callable) -> Callable:
+  """Decorator: `fn(cfg)` raises ConfigError for an impossible family config."""
+  CHECKS.append(fn)
+  return fn
 
 
 # Layer families register themselves on import.

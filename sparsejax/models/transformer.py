@@ -9,6 +9,8 @@ Layer i uses ``cfg.layer_types()[i]`` = (attention type, ffn type), so per-layer
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,23 +30,36 @@ _ACT = ("act_batch", "act_length", "act_embed")
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: Config, layer_idx: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: Config, layer_idx: int, *, rngs: nnx.Rngs, shared: dict):
     attn_type, ffn_type = cfg.layer_types()[layer_idx]
     d, eps = cfg.model.d_model, cfg.model.norm_eps
     self.attn_norm = RMSNorm(d, eps=eps)
-    self.attn = registry.ATTENTION[attn_type](cfg, layer_idx, rngs=rngs)
+    self.attn = registry.ATTENTION[attn_type](cfg, layer_idx, rngs=rngs, shared=shared)
     self.ffn_norm = RMSNorm(d, eps=eps)
-    self.ffn = registry.FFN[ffn_type](cfg, layer_idx, rngs=rngs)
+    self.ffn = registry.FFN[ffn_type](cfg, layer_idx, rngs=rngs, shared=shared)
 
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT)
+    # Optional call context, passed only to layers whose __call__ declares it:
+    #   tokens_BxT (hash routing), rng (a per-step, per-layer key; None in eval).
+    self._attn_ctx = _context_args(self.attn)
+    self._ffn_ctx = _context_args(self.ffn)
+
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+               tokens_BxT: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+    ctx = {"tokens_BxT": tokens_BxT, "rng": rng}
+    attn_kw = {k: ctx[k] for k in self._attn_ctx}
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, **attn_kw)
     x_BxTxD = constrain(x_BxTxD, _ACT)
-    x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD))
+    x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), **{k: ctx[k] for k in self._ffn_ctx})
     return constrain(x_BxTxD, _ACT)
 
 
-def _run_block(block: Block, x_BxTxD, positions_BxT):
-  return block(x_BxTxD, positions_BxT)
+def _context_args(layer) -> tuple[str, ...]:
+  params = inspect.signature(type(layer).__call__).parameters
+  return tuple(k for k in ("tokens_BxT", "rng") if k in params)
+
+
+def _run_block(block: Block, x_BxTxD, positions_BxT, tokens_BxT, rng):
+  return block(x_BxTxD, positions_BxT, tokens_BxT, rng)
 
 
 class Transformer(nnx.Module):
@@ -56,7 +71,10 @@ class Transformer(nnx.Module):
     self.dtype = DTYPES[cfg.model.compute_dtype]
     self.embed_VxD = param(rngs, (vocab_size, d), ("vocab", "embed"), std=cfg.model.init_std,
                            dtype=pdt)
-    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.model.num_layers)])
+    shared: dict = {}  # modules shared across layers (e.g. a memory value pool)
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs, shared=shared)
+                            for i in range(cfg.model.num_layers)])
+    self.shared = nnx.Dict(shared)  # a stable top-level path for shared parameters
     self.final_norm = RMSNorm(d, eps=cfg.model.norm_eps)
     self.head_DxV = (None if cfg.model.tie_embeddings else
                      param(rngs, (d, vocab_size), ("embed", "vocab"),
@@ -69,14 +87,17 @@ class Transformer(nnx.Module):
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.dtype)
     return constrain(x_BxTxD, _ACT)
 
-  def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
+  def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array | None = None, *,
+             tokens_BxT: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
     """Embedded inputs -> float32 logits. Separate from `embed` so tests can differentiate
-    through continuous inputs (causality)."""
+    through continuous inputs (causality). `rng` (a key, training only) is folded with the layer
+    index for layers that take one; `tokens_BxT` reaches layers that route by token id."""
     b, t = x_BxTxD.shape[:2]
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    for block in self.blocks:
-      x_BxTxD = self._block_fn(block, x_BxTxD, positions_BxT)
+    for i, block in enumerate(self.blocks):
+      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+      x_BxTxD = self._block_fn(block, x_BxTxD, positions_BxT, tokens_BxT, layer_rng)
     x_BxTxD = self.final_norm(x_BxTxD)
     if self.head_DxV is None:
       logits = jnp.einsum("btd,vd->btv", x_BxTxD, self.embed_VxD[...].astype(self.dtype),
@@ -86,8 +107,9 @@ class Transformer(nnx.Module):
                           preferred_element_type=jnp.float32)
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
-  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> jax.Array:
-    return self.decode(self.embed(tokens_BxT), positions_BxT)
+  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None, *,
+               rng: jax.Array | None = None) -> jax.Array:
+    return self.decode(self.embed(tokens_BxT), positions_BxT, tokens_BxT=tokens_BxT, rng=rng)
 
 
 def build_model(cfg: Config, vocab_size: int, seed: int = 0) -> Transformer:

@@ -43,6 +43,18 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
 )
 
+_EXTRA_RULES: dict[str, Any] = {}
+
+
+def register_rules(**rules: Any) -> None:
+  """Layer families add defaults for their own logical axis names at import time, e.g.
+  ``register_rules(experts="expert")``. config.mesh.rules still overrides them."""
+  for name, axes in rules.items():
+    if name in dict(DEFAULT_RULES) or _EXTRA_RULES.get(name, axes) != axes:
+      raise ValueError(f"logical axis rule {name!r} is already defined")
+    _EXTRA_RULES[name] = axes
+
+
 _log = logging.getLogger(__name__)
 _warned: set = set()
 
@@ -69,6 +81,7 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def rules_of(mesh_cfg) -> dict[str, Any]:
   rules = dict(DEFAULT_RULES)
+  rules.update(_EXTRA_RULES)
   rules.update({k: v for k, v in mesh_cfg.rules})
   return rules
 

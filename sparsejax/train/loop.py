@@ -98,18 +98,35 @@ def _global_batch(local: dict[str, np.ndarray], sharding, global_batch_size: int
       sharding, v, (global_batch_size,) + v.shape[1:]) for k, v in local.items()}
 
 
-def _host_scalars(metrics: dict) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+def _host_metrics(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Split device metrics into scalars and vectors (vectors -> histograms + max/mean)."""
+  scalars, vectors = {}, {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      scalars[k] = float(v)
+    else:
+      vectors[k] = v
+      scalars[f"{k}/max_over_mean"] = float(v.max() / max(float(v.mean()), 1e-12))
+  return scalars, vectors
 
 
 def evaluate_params(eval_fn, params, batches, sharding, bytes_per_token: float) -> dict:
-  """Run the jitted eval step over host batches and reduce to loss / ppl / bits-per-byte."""
+  """Run the jitted eval step over host batches and reduce to loss / ppl / bits-per-byte, plus
+  key usage (touched fraction, KL from uniform) for every sown ``usage*`` count vector."""
   totals = {"ce_sum": 0.0, "count": 0.0, "correct": 0.0}
+  usage: dict[str, np.ndarray] = {}
   for batch in batches:
     sums = jax.device_get(eval_fn(params, _global_batch(batch, sharding, len(batch["inputs"]))))
     for k in totals:
       totals[k] += float(sums[k])
-  return steplib.summarize_eval(totals, bytes_per_token)
+    for k, v in sums["usage"].items():
+      usage[k] = usage.get(k, 0) + np.asarray(v, np.float64)
+  result = steplib.summarize_eval(totals, bytes_per_token)
+  for k, counts in usage.items():
+    for name, value in steplib.usage_summary(counts).items():
+      result[f"{k}/{name}"] = value
+  return result
 
 
 def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
@@ -215,7 +232,9 @@ def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
       prev = metrics
       steps_window += 1
       if done % cfg.train.log_every_steps == 0 or done == cfg.train.steps:
-        last = _host_scalars(metrics)
+        last, vectors = _host_metrics(metrics)
+        for name, values in vectors.items():
+          writer.histogram(done, name, values)
         dt = time.perf_counter() - t_window
         last["tokens_per_s"] = tokens_per_step * steps_window / dt
         last["step_ms"] = 1000.0 * dt / steps_window

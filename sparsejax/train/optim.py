@@ -41,9 +41,36 @@ def decay_mask(params, cfg: Config):
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+VALUE_PREFIX = "values_"  # parameters named values_* form the memory-values optimizer group
+BUFFER_PREFIX = "buffer_"  # non-gradient state updated by sown "update__buffer_*" (step.py)
+
+
+def param_groups(params) -> dict:
+  """Label each leaf: "memory_values" for memory value tables, "frozen" for buffers (never
+  touched by the optimizer), else "default"."""
+  def label(path, _):
+    last = path[-1]
+    name = str(getattr(last, "key", getattr(last, "name", last)))
+    if name.startswith(BUFFER_PREFIX):
+      return "frozen"
+    return "memory_values" if name.startswith(VALUE_PREFIX) else "default"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _adamw(lr, clip: float, weight_decay: float, mask, cfg: Config):
   o = cfg.optim
-  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  parts.append(optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=o.weight_decay, mask=lambda p: decay_mask(p, cfg)))
+  parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=weight_decay,
+                           mask=mask))
   return optax.chain(*parts)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  """AdamW over all parameters; memory value tables (``values_*`` leaves) get their own group:
+  constant ``memory.value_lr``, own clipping and weight decay (Memory Layers at Scale)."""
+  o, m = cfg.optim, cfg.memory
+  default = _adamw(lr_schedule(cfg), o.grad_clip, o.weight_decay,
+                   lambda p: decay_mask(p, cfg), cfg)
+  values = _adamw(m.value_lr, m.value_grad_clip, m.value_weight_decay, None, cfg)
+  return optax.multi_transform({"default": default, "memory_values": values,
+                                "frozen": optax.set_to_zero()}, param_groups)
