@@ -36,7 +36,8 @@ def base() -> ml_collections.ConfigDict:
                  head_dim=0, tie_embeddings=True, param_dtype="float32",
                  compute_dtype="bfloat16", remat="none", z_loss=1e-4)
   c.attention = dict(type="dense", pattern=(), rope_theta=10000.0, qk_norm=False, impl="auto")
-  c.ffn = dict(type="dense", pattern=(), d_ff=0, activation="swiglu")
+  c.ffn = dict(type="dense", pattern=(), first_k_dense=0, overrides=(), d_ff=0,
+               activation="swiglu")
   c.data = dict(path="", tokenizer="byte", seq_len=256, global_batch_size=16)
   c.optim = dict(lr=3e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1, b1=0.9,
                  b2=0.95, weight_decay=0.1, grad_clip=1.0)

@@ -4,6 +4,7 @@
     sparsejax eval     --workdir runs/t [--step N] [--data PATH]        (= python -m sparsejax.eval)
     sparsejax prepare  [--input PATH ...] [--out DIR] [--tokenizer ...] (= python -m sparsejax.data.prepare)
     sparsejax demo     [--workdir runs/default]                         (= python -m sparsejax.demo)
+    sparsejax info     --config configs/dense.py:350m                   (= python -m sparsejax.info)
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ COMMANDS = {
     "eval": "sparsejax.eval.__main__",
     "prepare": "sparsejax.data.prepare",
     "demo": "sparsejax.demo",
+    "info": "sparsejax.info",
 }
-REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"]}
+REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"], "info": ["config"]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,10 +71,11 @@ class Transformer(nnx.Module):
     self.dtype = DTYPES[cfg.model.compute_dtype]
     self.embed_VxD = param(rngs, (vocab_size, d), ("vocab", "embed"), std=cfg.model.init_std,
                            dtype=pdt)
-    shared: dict = {}  # modules shared across layers (e.g. a memory value pool)
+    # Modules shared across layers (e.g. a memory value pool). NNX stores a shared variable once,
+    # under the first layer (in sorted path order) that references it.
+    shared: dict = {}
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs, shared=shared)
                             for i in range(cfg.model.num_layers)])
-    self.shared = nnx.Dict(shared)  # a stable top-level path for shared parameters
     self.final_norm = RMSNorm(d, eps=cfg.model.norm_eps)
     self.head_DxV = (None if cfg.model.tie_embeddings else
                      param(rngs, (d, vocab_size), ("embed", "vocab"),

@@ -11,7 +11,8 @@ Convention (written once, used by metrics, MFU and scaling fits):
 
 A layer whose cost differs (MoE: only active experts; block-sparse attention: only visited blocks)
 defines ``active_params_per_token()`` and/or ``attention_flops_per_token(seq_len)`` (forward) on
-its module; otherwise all its parameters are active and attention is dense causal.
+its module; otherwise all its matmul weights (ndim >= 2) are active and attention is dense
+causal. Table lookups (memory values, PEER experts) report ``bytes_read_per_token()``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class ModelCounts:
   params_active_per_token: int  # weights touched per token (matmul weights incl. head)
   flops_per_token: float       # training (fwd + bwd) FLOPs per token, convention above
   flops_per_token_fwd: float
+  table_bytes_read_per_token: float = 0.0  # memory / PEER rows gathered per token (forward)
 
   def as_metrics(self) -> dict[str, float]:
     return {k: float(v) for k, v in dataclasses.asdict(self).items()}
@@ -62,10 +64,13 @@ def count(model, cfg: Config) -> ModelCounts:
   head_matmul = vocab_rows * cfg.model.d_model  # the output projection, tied or not
   active = head_matmul
   attn_fwd = 0.0
+  table_bytes = 0.0
   for block in model.blocks:
     for sub in (block.attn, block.ffn):
       fn = getattr(sub, "active_params_per_token", None)
       active += fn() if fn is not None else _matmul_params(sub)
+      fn = getattr(sub, "bytes_read_per_token", None)
+      table_bytes += fn() if fn is not None else 0.0
     fn = getattr(block.attn, "attention_flops_per_token", None)
     attn_fwd += (fn(seq_len) if fn is not None else
                  2.0 * seq_len * cfg.model.num_heads * cfg.head_dim)
@@ -73,7 +78,7 @@ def count(model, cfg: Config) -> ModelCounts:
   return ModelCounts(params_total=total, params_embedding=embed + head,
                      params_non_embedding=total - embed - head,
                      params_active_per_token=active, flops_per_token=3.0 * fwd,
-                     flops_per_token_fwd=fwd)
+                     flops_per_token_fwd=fwd, table_bytes_read_per_token=table_bytes)
 
 
 # Dense bf16 peak FLOP/s per device, for MFU. Override with config.train.peak_tflops_per_device.
