@@ -1,0 +1,179 @@
+"""Product-key memory layers: PKM (Lample et al. 2019) and Memory+ ("Memory Layers at Scale",
+Berges et al. 2024). Registry key ``ffn.type = "memory"``, typically on chosen layers only:
+``ffn.overrides=("1:memory",)``.
+
+Per layer, each of H heads has its own query projection W_q^h (D -> d_key) and its own two sets
+of n = sqrt(N) sub-keys; it retrieves its top-k slots among the N product keys
+(sparsejax.layers.product_keys) and reads the softmax-weighted sum of their value rows. Heads'
+reads are summed (all heads share one value table):
+
+    mem(x) = sum_h sum_{i in topk_h(x)} softmax_h(s)_i · V[i]          V = values_NxD  [N, D]
+    PKM:     y = mem(x)
+    Memory+: y = W_o( silu(x W_1) ⊙ mem(x) )      W_1, W_o: D x D   (memory.memory_plus)
+    gate:    y = sigmoid(x · w_g) · y             per-token scalar gate (memory.gate)
+
+QK-norm (memory.qk_norm) as implemented here: each query half is RMS-normalised with a learned
+per-head scale, each sub-key row is RMS-normalised (no parameters), and the half-scores are
+divided by sqrt(d_key/2), i.e. s = (q̂1·k̂1 + q̂2·k̂2) / sqrt(d_key/2). Without it the raw
+projections are scored (PKM's BatchNorm on queries is not offered, see pk_schema.py).
+
+Value table: ``values_NxD`` (the ``values_`` prefix puts it in the optimizer's "memory_values"
+group: constant ``memory.value_lr``, own clip and weight decay). With ``memory.shared_values``
+(default) one ``MemoryValues`` module is created in the model's ``shared`` dict and referenced by
+every memory layer (keys and query projections stay per layer). Logical axes
+("mem_slots", "mem_dim") -> rows replicated, columns over mesh "tensor": each device holds all
+N rows and D/M columns, so a lookup is local and only the [B, T, D] output is split by column.
+Sown: ``usage_slots`` (float32 [N] selection counts).
+
+Cost convention (scaling/flops.py units, per token): D·H·d_key (queries) + H·n·d_key (sub-key
+scores) + H·k·D (value rows) + 2·D² (Memory+) + D (gate).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.layers import product_keys as pk
+from sparsejax.layers.common import DTYPES, param
+from sparsejax.layers.registry import register_check, register_ffn
+from sparsejax.parallel.sharding import constrain, register_rules
+
+register_rules(mem_slots=None, mem_dim="tensor", act_mem_dim="tensor")
+
+SHARED_KEY = "memory_values"
+
+
+@register_check
+def _check_memory(cfg) -> None:
+  if not any(ffn == "memory" for _, ffn in cfg.layer_types()):
+    return
+  m = cfg.memory
+  pk.check_product_key_section("config.memory", num_keys=m.num_slots, top_k=m.top_k,
+                               d_key=m.d_key, num_heads=m.num_heads, impl=m.impl)
+
+
+class MemoryValues(nnx.Module):
+  """The value table [N, D]; init N(0, 1/D) as in PKM."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, pdt = cfg.model.d_model, DTYPES[cfg.model.param_dtype]
+    self.values_NxD = param(rngs, (cfg.memory.num_slots, d), ("mem_slots", "mem_dim"),
+                            std=d ** -0.5, dtype=pdt)
+
+
+@register_ffn("memory")
+class MemoryLayer(nnx.Module):
+
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
+    m, d = cfg.memory, cfg.model.d_model
+    std, pdt = cfg.model.init_std, DTYPES[cfg.model.param_dtype]
+    self.num_slots, self.num_heads, self.top_k, self.d_key = (
+        m.num_slots, m.num_heads, m.top_k, m.d_key)
+    self.n = pk.isqrt_exact(m.num_slots)
+    self.d_model = d
+    self.param_bytes = jnp.dtype(pdt).itemsize
+    self.qk_norm, self.impl, self.eps = m.qk_norm, m.impl, cfg.model.norm_eps
+    self.dtype = DTYPES[cfg.model.compute_dtype]
+    h, c = m.num_heads, m.d_key // 2
+    self.w_query_DxHxK = param(rngs, (d, h, m.d_key), ("embed", "pk_heads", "pk_dim"), std=std,
+                               dtype=pdt)
+    self.query_scale_HxK = (nnx.Param(jnp.ones((h, m.d_key), pdt),
+                                      logical_axes=("pk_heads", "pk_dim")) if m.qk_norm else None)
+    self.subkeys_Hx2xSxC = param(rngs, (h, 2, self.n, c),
+                                 ("pk_heads", None, "pk_subkeys", "pk_dim"), std=c ** -0.5,
+                                 dtype=pdt)
+    if m.shared_values:
+      if shared is None:
+        raise ValueError("memory.shared_values needs the model's `shared` dict")
+      if SHARED_KEY not in shared:
+        shared[SHARED_KEY] = MemoryValues(cfg, rngs=rngs)
+      self.values = shared[SHARED_KEY]
+    else:
+      self.values = MemoryValues(cfg, rngs=rngs)
+    self.memory_plus = m.memory_plus
+    if m.memory_plus:
+      out_std = std / (2 * cfg.model.num_layers) ** 0.5
+      self.w_in_DxD = param(rngs, (d, d), ("embed", "mlp"), std=std, dtype=pdt)
+      self.w_out_DxD = param(rngs, (d, d), ("mlp", "embed"), std=out_std, dtype=pdt)
+    else:
+      self.w_in_DxD = self.w_out_DxD = None
+    self.w_gate_D = (param(rngs, (d,), ("embed",), std=std, dtype=pdt) if m.gate else None)
+
+  # ---- retrieval (also used by tests) ----
+  def half_queries_and_keys(self, x_BxTxD: jax.Array):
+    """(q1, q2 [B, T, H, C], k1, k2 [H, n, C]) after QK-norm and score scaling, float32."""
+    c = self.d_key // 2
+    q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.w_query_DxHxK[...].astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    keys = self.subkeys_Hx2xSxC[...].astype(jnp.float32)
+    k1, k2 = keys[:, 0], keys[:, 1]
+    q1, q2 = q[..., :c], q[..., c:]
+    if self.qk_norm:
+      scale = self.query_scale_HxK[...]
+      q1 = pk.normalize(q1, "rms", self.eps, scale[:, :c]) * c ** -0.5
+      q2 = pk.normalize(q2, "rms", self.eps, scale[:, c:]) * c ** -0.5
+      k1, k2 = pk.normalize(k1, "rms", self.eps), pk.normalize(k2, "rms", self.eps)
+    return q1, q2, k1, k2
+
+  def retrieve(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scores [B, T, H, k] float32, slot indices [B, T, H, k] int32)."""
+    dt = self.dtype
+    q1, q2, k1, k2 = self.half_queries_and_keys(x_BxTxD)
+    return pk.product_key_topk(q1.astype(dt), q2.astype(dt), k1.astype(dt), k2.astype(dt),
+                               self.top_k, impl=self.impl)
+
+  def read(self, weights_BxTxHxK: jax.Array, idx_BxTxHxK: jax.Array) -> jax.Array:
+    """sum_h sum_k w · V[idx]: [B, T, D] in the compute dtype."""
+    rows = jnp.take(self.values.values_NxD[...], idx_BxTxHxK, axis=0).astype(self.dtype)
+    rows = constrain(rows, ("act_batch", "act_length", None, None, "act_mem_dim"))
+    out = jnp.einsum("bthk,bthkd->btd", weights_BxTxHxK.astype(self.dtype), rows)
+    return constrain(out, ("act_batch", "act_length", "act_mem_dim"))
+
+  def output(self, x_BxTxD: jax.Array, mem_BxTxD: jax.Array) -> jax.Array:
+    dt = self.dtype
+    y = mem_BxTxD
+    if self.memory_plus:
+      gate = jax.nn.silu(jnp.einsum("btd,de->bte", x_BxTxD, self.w_in_DxD[...].astype(dt)))
+      y = jnp.einsum("bte,ed->btd", gate * y, self.w_out_DxD[...].astype(dt))
+    if self.w_gate_D is not None:
+      g = jax.nn.sigmoid(jnp.einsum("btd,d->bt", x_BxTxD, self.w_gate_D[...].astype(dt),
+                                    preferred_element_type=jnp.float32))
+      y = y * g[..., None].astype(dt)
+    return y
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    scores, idx = self.retrieve(x_BxTxD)
+    self.sow(nnx.Intermediate, "usage_slots", pk.usage_counts(idx, self.num_slots))
+    mem = self.read(jax.nn.softmax(scores, axis=-1), idx)
+    y = self.output(x_BxTxD, mem)
+    return constrain(y, ("act_batch", "act_length", "act_embed"))
+
+  # ---- accounting (scaling/flops.py) ----
+  def active_params_per_token(self) -> int:
+    h, d = self.num_heads, self.d_model
+    n = d * h * self.d_key + h * self.n * self.d_key + h * self.top_k * d
+    if self.memory_plus:
+      n += 2 * d * d
+    if self.w_gate_D is not None:
+      n += d
+    return n
+
+  def bytes_read_per_token(self) -> int:
+    """Selected value rows read per token: H·k·D·bytes(param dtype)."""
+    return self.num_heads * self.top_k * self.d_model * self.param_bytes
+
+
+def brute_force_reference(layer: MemoryLayer, x_BxTxD: jax.Array) -> jax.Array:
+  """All N keys scored explicitly (concatenated sub-key pairs), top-k per head over all N,
+  dense [N] weights times the whole value table: O(N) per token, for tests."""
+  q1, q2, k1, k2 = layer.half_queries_and_keys(x_BxTxD)
+  h, n, c = k1.shape
+  full_HxNx2C = jnp.concatenate([jnp.repeat(k1, n, axis=1), jnp.tile(k2, (1, n, 1))], axis=-1)
+  s = jnp.einsum("bthk,hnk->bthn", jnp.concatenate([q1, q2], -1), full_HxNx2C)
+  top, idx = jax.lax.top_k(s, layer.top_k)
+  w = jnp.put_along_axis(jnp.zeros(s.shape, jnp.float32), idx, jax.nn.softmax(top, -1), axis=-1,
+                         inplace=False).sum(axis=2)
+  mem = jnp.einsum("btn,nd->btd", w, layer.values.values_NxD[...].astype(jnp.float32))
+  return layer.output(x_BxTxD, mem.astype(layer.dtype))

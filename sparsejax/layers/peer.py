@@ -1,0 +1,144 @@
+"""PEER: Parameter Efficient Expert Retrieval ("Mixture of A Million Experts", He 2024).
+Registry key ``ffn.type = "peer"`` (or a per-layer override such as ``"3:peer"``).
+
+N = n² single-neuron experts, expert i = (u_i, v_i), both D-vectors. Each of h heads has its own
+query projection W_q^h (D -> d_key, then a per-token RMS / Layer norm) and retrieves its top-k
+experts among the N product keys (sparsejax.layers.product_keys; sub-keys per head, or shared by
+all heads with ``peer.shared_keys``):
+
+    y(x) = sum_h sum_{i in topk_h(x)} g_{h,i}(x) · act(u_i · x) · v_i
+    g_h  = softmax over the head's k scores (paper)   |   relu(scores) ("relu": non-competing)
+
+Tables: ``experts_in_NxD`` (u) and ``experts_out_NxD`` (v), logical axes
+("peer_experts", "peer_dim"): rows replicated, columns over mesh "tensor" (as the memory values).
+Sown: ``usage_experts`` (float32 [N] selection counts; the evaluator turns them into touched
+fraction / KL from uniform).
+
+Cost convention (scaling/flops.py units, "equivalent matmul parameters" per token):
+  D·h·d_key (query projections) + h·n·d_key (two halves of n sub-keys of d_key/2, per head)
+  + h·k·2·D (selected u and v rows). Top-k / softmax / the k² candidate sums are not counted.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.layers import product_keys as pk
+from sparsejax.layers.common import DTYPES, param
+from sparsejax.layers.registry import register_check, register_ffn
+from sparsejax.parallel.sharding import constrain, register_rules
+
+register_rules(peer_experts=None, peer_dim="tensor")
+
+PEER_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu,
+                    "silu": jax.nn.silu}
+
+
+@register_check
+def _check_peer(cfg) -> None:
+  if not any(ffn == "peer" for _, ffn in cfg.layer_types()):
+    return
+  p = cfg.peer
+  pk.check_product_key_section("config.peer", num_keys=p.num_experts, top_k=p.top_k,
+                               d_key=p.d_key, num_heads=p.num_heads, impl=p.impl)
+
+
+@register_ffn("peer")
+class PEER(nnx.Module):
+
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
+    p, d = cfg.peer, cfg.model.d_model
+    std, pdt = cfg.model.init_std, DTYPES[cfg.model.param_dtype]
+    self.num_experts, self.num_heads, self.top_k, self.d_key = (
+        p.num_experts, p.num_heads, p.top_k, p.d_key)
+    self.n = pk.isqrt_exact(p.num_experts)
+    self.d_model = d
+    self.param_bytes = jnp.dtype(pdt).itemsize
+    self.score, self.query_norm, self.impl = p.score, p.query_norm, p.impl
+    self.eps = cfg.model.norm_eps
+    self.act = PEER_ACTIVATIONS[p.activation]
+    self.dtype = DTYPES[cfg.model.compute_dtype]
+    h, c = p.num_heads, p.d_key // 2
+    hk = 1 if p.shared_keys else h
+    self.w_query_DxHxK = param(rngs, (d, h, p.d_key), ("embed", "pk_heads", "pk_dim"), std=std,
+                               dtype=pdt)
+    self.query_scale_HxK = (None if p.query_norm == "none" else
+                            nnx.Param(jnp.ones((h, p.d_key), pdt),
+                                      logical_axes=("pk_heads", "pk_dim")))
+    self.query_bias_HxK = (nnx.Param(jnp.zeros((h, p.d_key), pdt),
+                                     logical_axes=("pk_heads", "pk_dim"))
+                           if p.query_norm == "layer" else None)
+    # Sub-keys [heads, half, n, d_key/2]; std c^-1/2 makes each half's score ~ N(0, 1) at init
+    # for a unit-RMS query.
+    self.subkeys_Gx2xSxC = param(rngs, (hk, 2, self.n, c),
+                                 ("pk_heads", None, "pk_subkeys", "pk_dim"), std=c ** -0.5,
+                                 dtype=pdt)
+    out_std = std / (2 * cfg.model.num_layers) ** 0.5
+    self.experts_in_NxD = param(rngs, (p.num_experts, d), ("peer_experts", "peer_dim"), std=std,
+                                dtype=pdt)
+    self.experts_out_NxD = param(rngs, (p.num_experts, d), ("peer_experts", "peer_dim"),
+                                 std=out_std, dtype=pdt)
+
+  # ---- retrieval (also used by tests) ----
+  def queries(self, x_BxTxD: jax.Array) -> jax.Array:
+    """Normalised queries [B, T, H, d_key] float32."""
+    q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.w_query_DxHxK[...].astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    scale = None if self.query_scale_HxK is None else self.query_scale_HxK[...]
+    bias = None if self.query_bias_HxK is None else self.query_bias_HxK[...]
+    return pk.normalize(q, self.query_norm, self.eps, scale, bias)
+
+  def retrieve(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scores [B, T, H, k] float32, expert indices [B, T, H, k] int32)."""
+    q = self.queries(x_BxTxD).astype(self.dtype)
+    c = self.d_key // 2
+    keys = self.subkeys_Gx2xSxC[...]
+    return pk.product_key_topk(q[..., :c], q[..., c:], keys[:, 0], keys[:, 1], self.top_k,
+                               impl=self.impl)
+
+  def gates(self, scores: jax.Array) -> jax.Array:
+    return jax.nn.softmax(scores, axis=-1) if self.score == "softmax" else jax.nn.relu(scores)
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    dt = self.dtype
+    scores, idx_BxTxHxK = self.retrieve(x_BxTxD)
+    self.sow(nnx.Intermediate, "usage_experts", pk.usage_counts(idx_BxTxHxK, self.num_experts))
+    g = self.gates(scores)
+    u = jnp.take(self.experts_in_NxD[...], idx_BxTxHxK, axis=0).astype(dt)   # [B,T,H,k,D]
+    v = jnp.take(self.experts_out_NxD[...], idx_BxTxHxK, axis=0).astype(dt)
+    hidden = self.act(jnp.einsum("btd,bthkd->bthk", x_BxTxD, u,
+                                 preferred_element_type=jnp.float32))
+    y = jnp.einsum("bthk,bthkd->btd", (g * hidden).astype(dt), v)
+    return constrain(y, ("act_batch", "act_length", "act_embed"))
+
+  # ---- accounting (scaling/flops.py) ----
+  def active_params_per_token(self) -> int:
+    h, d = self.num_heads, self.d_model
+    return d * h * self.d_key + h * self.n * self.d_key + h * self.top_k * 2 * d
+
+  def bytes_read_per_token(self) -> int:
+    """Selected expert rows (u and v) read per token: h·k·2·D·bytes(param dtype)."""
+    return self.num_heads * self.top_k * 2 * self.d_model * self.param_bytes
+
+
+def dense_reference(layer: PEER, x_BxTxD: jax.Array) -> jax.Array:
+  """All N experts scored explicitly (full keys = concatenated sub-key pairs), top-k per head
+  over all N, output from the dense [N] gate vector: O(N) per token, for tests."""
+  keys = layer.subkeys_Gx2xSxC[...].astype(jnp.float32)
+  hk, _, n, c = keys.shape
+  full_GxNxK = jnp.concatenate([jnp.repeat(keys[:, 0], n, axis=1),
+                                jnp.tile(keys[:, 1], (1, n, 1))], axis=-1)
+  full = jnp.broadcast_to(full_GxNxK, (layer.num_heads, n * n, 2 * c))
+  q = layer.queries(x_BxTxD)
+  s_BxTxHxN = jnp.einsum("bthk,hnk->bthn", q, full)
+  top, idx = jax.lax.top_k(s_BxTxHxN, layer.top_k)
+  g = layer.gates(top)
+  dense_g = jnp.zeros(s_BxTxHxN.shape, jnp.float32)
+  dense_g = jnp.put_along_axis(dense_g, idx, g, axis=-1, inplace=False).sum(axis=2)  # [B,T,N]
+  hidden = layer.act(jnp.einsum("btd,nd->btn", x_BxTxD.astype(jnp.float32),
+                                layer.experts_in_NxD[...].astype(jnp.float32)))
+  v_NxD = layer.experts_out_NxD[...].astype(jnp.float32)
+  return jnp.einsum("btn,nd->btd", dense_g * hidden, v_NxD)
+
