@@ -245,3 +245,22 @@ def test_every_config_files_tiny_preset_trains_two_steps(tmp_path, config_file, 
   result = looplib.train_and_evaluate(cfg, tmp_path, devices=jax.devices()[:1])
   assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
   assert Checkpointer(tmp_path).committed_steps() == [2]
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (REPO / "configs").glob("*.py")
+                                               if p.name != "dense.py"))
+def test_bitwise_resume_every_family(tmp_path, config_file, default_dataset):
+  """Stop at step 3 and resume to 6 == 6 uninterrupted steps, for each family's tiny preset
+  (dense is covered, with more checks, by test_bitwise_resume)."""
+  over = {"train.steps": 6, "optim.warmup_steps": 1, "train.log_every_steps": 1,
+          "train.eval_every_steps": 0, "train.checkpoint_every_steps": 0,
+          "train.progress_bar": False}
+  cfg = load_config(f"configs/{config_file}:tiny", **over)
+  one = jax.devices()[:1]
+  looplib.train_and_evaluate(cfg, tmp_path / "ref", devices=one)
+  looplib.train_and_evaluate(load_config(f"configs/{config_file}:tiny",
+                                         **{**over, "train.stop_at_step": 3}),
+                             tmp_path / "run", devices=one)
+  looplib.train_and_evaluate(cfg, tmp_path / "run", devices=one)
+  assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+  assert_trees_equal(final_params(tmp_path / "run", cfg)[0], final_params(tmp_path / "ref", cfg)[0])
