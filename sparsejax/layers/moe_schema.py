@@ -36,6 +36,6 @@ class MoEConfig:
   router_z_loss: float = 1e-3
   importance_loss: float = 0.0   # Shazeer 2017 CV^2 of the summed gates
   load_loss: float = 0.0         # Shazeer 2017 smooth load CV^2 (needs noisy_token_choice)
-  bias_balancing: bool = False   # DeepSeek-V3 aux-loss-free bias (needs a post-step hook)
+  bias_balancing: bool = False   # DeepSeek-V3 aux-loss-free selection bias (token choice)
   bias_update_rate: float = 1e-3
   impl: str = _choices("xla", "pallas", default="xla")

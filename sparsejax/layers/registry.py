@@ -56,3 +56,4 @@ from sparsejax.layers import attention as _attention  # noqa: E402,F401
 from sparsejax.layers import ffn as _ffn  # noqa: E402,F401
 from sparsejax.layers import peer as _peer  # noqa: E402,F401
 from sparsejax.layers import memory as _memory  # noqa: E402,F401
+from sparsejax.layers import moe as _moe  # noqa

@@ -1,0 +1,372 @@
+"""Mixture-of-Experts feed-forward, registry key "moe" (options: ``config.moe``).
+
+    y = sum_{k} gate_k(x) * SwiGLU_{e_k}(x) + sum_{s} SwiGLU_shared_s(x)
+
+Experts are SwiGLU FFNs of hidden size ``d_expert = d_ff // granularity`` (fine-grained experts),
+stored stacked: ``w_gate_ExDxF`` / ``w_up_ExDxF`` / ``w_down_ExFxD`` with logical axes
+("experts", "embed", "expert_mlp"). Shared experts are always on; S shared experts of size F are
+one SwiGLU of hidden size S*F (the sum of S SwiGLUs is exactly that).
+
+Routers (``config.moe.router``, math in sparsejax/layers/routers.py, float32):
+  * ``token_choice``: top-k over softmax / sigmoid scores, optional renormalisation of the gates;
+  * ``noisy_token_choice`` (Shazeer 2017): logits + softplus(x W_noise) * N(0, 1) with the
+    per-step, per-layer ``rng`` the train step passes (W_noise zero-initialised); no noise when
+    ``rng`` is None (evaluation);
+  * ``expert_choice`` (Zhou 2022): each expert takes its top-C tokens of a sequence,
+    C = ceil(capacity_factor * T * k / E). NOT CAUSAL: whether an earlier token is picked depends
+    on later tokens' scores — fine for encoders, leaks the future in a decoder (a warning is
+    emitted at construction; tests/test_moe.py demonstrates the leak);
+  * ``hash`` (Roller 2021): a fixed token-id -> expert table (random, or balanced by token
+    frequency with greedy bin packing); multi-hash picks num_hashes experts, gates 1/num_hashes.
+    Uses the token ids the Transformer passes as ``tokens_BxT`` (ids modulo the table size).
+  * aux-loss-free balancing (DeepSeek-V3, ``bias_balancing``): a per-expert bias added to the
+    scores for selection only, kept in the frozen parameter ``buffer_expert_bias_E`` and moved
+    after every step by the sown ``update__buffer_expert_bias_E`` = rate * sign(mean(f) - f)
+    (with gradient accumulation: the mean of the micro-batches' updates).
+
+Dispatch (``config.moe.dispatch``) for token-choice / hash routing:
+  * ``capacity``: each sequence is a dispatch group; expert e holds at most
+    C = min(T, ceil(capacity_factor * T * k / E)) of the group's assignments. Slots are given in
+    token order (token t's k choices before token t+1's), so a token never loses its slot to a
+    later token: capacity dispatch is causal, and sequences do not compete with each other.
+    Tokens are scattered into ``G x E x C x D`` buffers (index scatter / gather, not one-hot
+    einsums: a one-hot dispatch costs T*E*C*D FLOPs per group, as much as the experts
+    themselves at fine granularity), experts run as one batched einsum, overflow is dropped
+    (the residual carries the token) and the dropped fraction is sown.
+  * ``dropless``: assignments sorted by expert, ``jax.lax.ragged_dot`` grouped matmuls, unsorted
+    and combined. The reference path (slow on GPU at jax 0.11; a Pallas grouped matmul will sit
+    behind ``config.moe.impl``).
+
+Expert parallelism: with ``config.mesh.expert > 1`` and an active activation-sharding context,
+capacity buffers are exchanged with ``jax.lax.all_to_all`` over the ``expert`` mesh axis inside
+``jax.shard_map``; each device runs only its E / expert local experts.
+
+Losses (formulas in routers.py), scaled by their ``config.moe`` coefficients and sown together as
+``aux_loss``: Switch load balance ``E * sum_e f_e P_e`` over the tokens of one call (micro-batch
+scope), router z-loss, Shazeer importance / load CV^2. Sown metrics per layer: each loss
+(unscaled), ``expert_load`` (vector f_e), ``load_max_over_mean``, ``dropped_fraction``,
+``router_entropy``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from sparsejax.layers import routers
+from sparsejax.layers.common import DTYPES, param
+from sparsejax.layers.ffn import ACTIVATIONS
+from sparsejax.layers.registry import register_check, register_ffn
+from sparsejax.parallel import sharding
+from sparsejax.parallel.sharding import constrain, register_rules
+
+register_rules(experts="expert", expert_mlp="tensor")
+
+
+def d_expert(cfg) -> int:
+  return cfg.moe.d_expert or cfg.d_ff // cfg.moe.granularity
+
+
+def capacity(cfg, seq_len: int) -> int:
+  """Slots per expert and sequence: min(T, ceil(cf * T * k / E)) (an expert sees a token once)."""
+  m = cfg.moe
+  return max(1, min(seq_len, math.ceil(m.capacity_factor * seq_len * m.top_k / m.num_experts)))
+
+
+def _swiglu_buffers(buf_GxExCxD, wg, wu, wd, act, dt):
+  g = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg.astype(dt))
+  u = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu.astype(dt))
+  return jnp.einsum("gecf,efd->gecd", act(g) * u, wd.astype(dt))
+
+
+def _experts(buf_GxExCxD, wg, wu, wd, act, dt, axis_name):
+  """Run expert e on buffer rows [:, e]. Under expert parallelism (axis_name set, weights are the
+  local E/ep experts) buffers go to the devices owning their experts and back."""
+  if axis_name is None:
+    return _swiglu_buffers(buf_GxExCxD, wg, wu, wd, act, dt)
+  recv = jax.lax.all_to_all(buf_GxExCxD, axis_name, split_axis=1, concat_axis=0, tiled=True)
+  out = _swiglu_buffers(recv, wg, wu, wd, act, dt)  # [ep * G_local, E_local, C, D]
+  return jax.lax.all_to_all(out, axis_name, split_axis=0, concat_axis=1, tiled=True)
+
+
+def _capacity_local(x_GxTxD, expert_GxTxK, slot_GxTxK, gate_GxTxK, wg, wu, wd, *, num_experts,
+                    cap, act, dt, axis_name=None):
+  g, t, d = x_GxTxD.shape
+  k = expert_GxTxK.shape[-1]
+  keep = slot_GxTxK < cap
+  dest_GxTK = jnp.where(keep, expert_GxTxK * cap + slot_GxTxK, num_experts * cap).reshape(g, t * k)
+  x_GxTKxD = jnp.broadcast_to(x_GxTxD[:, :, None], (g, t, k, d)).reshape(g, t * k, d)
+  scatter = jax.vmap(lambda dest, xs: jnp.zeros((num_experts * cap + 1, d), dt).at[dest].add(xs))
+  buf = scatter(dest_GxTK, x_GxTKxD.astype(dt))[:, :-1].reshape(g, num_experts, cap, d)
+  out = _experts(buf, wg, wu, wd, act, dt, axis_name).reshape(g, num_experts * cap, d)
+  out = jnp.concatenate([out, jnp.zeros((g, 1, d), out.dtype)], axis=1)  # dropped -> zeros
+  y_GxTKxD = jax.vmap(lambda o, dest: o[dest])(out, dest_GxTK)
+  gate = jnp.where(keep, gate_GxTxK, 0.0).astype(dt)
+  return jnp.einsum("gtkd,gtk->gtd", y_GxTKxD.reshape(g, t, k, d), gate)
+
+
+def _expert_choice_local(x_GxTxD, tok_GxExC, gate_GxExC, wg, wu, wd, *, act, dt, axis_name=None):
+  buf = jax.vmap(lambda x, tok: x[tok])(x_GxTxD.astype(dt), tok_GxExC)  # [G, E, C, D]
+  out = _experts(buf, wg, wu, wd, act, dt, axis_name) * gate_GxExC[..., None].astype(dt)
+  g, t, d = x_GxTxD.shape
+  combine = jax.vmap(lambda tok, o: jnp.zeros((t, d), dt).at[tok.reshape(-1)].add(
+      o.reshape(-1, d)))
+  return combine(tok_GxExC, out)
+
+
+def dropless(x_NxD, expert_NxK, gate_NxK, wg, wu, wd, *, num_experts, act, dt):
+  """Sort assignments by expert, grouped matmuls (ragged_dot), unsort, combine with the gates."""
+  n, k = expert_NxK.shape
+  flat_e = expert_NxK.reshape(-1)
+  order = jnp.argsort(flat_e, stable=True)
+  xs = x_NxD.astype(dt)[order // k]
+  sizes_E = jnp.zeros((num_experts,), jnp.int32).at[flat_e].add(1)
+  h = act(jax.lax.ragged_dot(xs, wg.astype(dt), sizes_E)) * jax.lax.ragged_dot(
+      xs, wu.astype(dt), sizes_E)
+  ys = jax.lax.ragged_dot(h, wd.astype(dt), sizes_E)
+  y_NKxD = jnp.zeros_like(ys).at[order].set(ys)
+  return jnp.einsum("nkd,nk->nd", y_NKxD.reshape(n, k, -1), gate_NxK.astype(dt))
+
+
+def _ep_mesh(num_experts: int, batch: int):
+  """(mesh, batch PartitionSpec entry) when expert parallelism applies to this call, else None."""
+  active = sharding._ACTIVE.get()  # no public accessor in sharding.py yet
+  if active is None:
+    return None
+  mesh, rules = active
+  ep = mesh.shape.get("expert", 1)
+  if ep <= 1 or num_experts % ep:
+    return None
+  batch_axes = sharding.batch_sharding(mesh, rules).spec[0]
+  if batch % sharding.batch_shards(mesh, rules):
+    return None
+  return mesh, batch_axes
+
+
+@register_ffn("moe")
+class MoE(nnx.Module):
+  """Routed SwiGLU experts + shared experts; see the module docstring."""
+
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
+    m = cfg.moe
+    d, f, e = cfg.model.d_model, d_expert(cfg), m.num_experts
+    std, pdt = cfg.model.init_std, DTYPES[cfg.model.param_dtype]
+    out_std = std / (2 * cfg.model.num_layers) ** 0.5
+    self.num_experts, self.top_k, self.d_model, self.d_expert = e, m.top_k, d, f
+    self.router = m.router
+    self.score_fn, self.renormalize, self.dispatch = m.score_fn, m.renormalize, m.dispatch
+    self.capacity_factor = m.capacity_factor
+    self.coef = (("load_balance_loss", m.load_balance_loss), ("router_z_loss", m.router_z_loss),
+                 ("importance_loss", m.importance_loss), ("load_loss", m.load_loss))  # static
+    self.seq_len = cfg.data.seq_len
+    self.bias_rate = m.bias_update_rate
+    self.router_DxE = (None if m.router == "hash" else
+                       param(rngs, (d, e), ("embed", None), std=std, dtype=jnp.float32))
+    self.noise_DxE = (nnx.Param(jnp.zeros((d, e), jnp.float32), logical_axes=("embed", None))
+                      if m.router == "noisy_token_choice" else None)  # Shazeer: zero init
+    # DeepSeek-V3 selection bias: a frozen buffer_* Param (no optimizer update, gradient
+    # stopped), moved only by the sown update__buffer_expert_bias_E after each step.
+    self.buffer_expert_bias_E = (nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=(None,))
+                          if m.bias_balancing else None)
+    self.w_gate_ExDxF = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std=std,
+                              dtype=pdt)
+    self.w_up_ExDxF = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std=std,
+                            dtype=pdt)
+    self.w_down_ExFxD = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std=out_std,
+                              dtype=pdt)
+    s = m.num_shared_experts * f
+    if s:
+      self.shared_gate_DxS = param(rngs, (d, s), ("embed", "mlp"), std=std, dtype=pdt)
+      self.shared_up_DxS = param(rngs, (d, s), ("embed", "mlp"), std=std, dtype=pdt)
+      self.shared_down_SxD = param(rngs, (s, d), ("mlp", "embed"), std=out_std, dtype=pdt)
+    else:
+      self.shared_gate_DxS = self.shared_up_DxS = self.shared_down_SxD = None
+    if m.router == "hash":
+      vocab = m.hash_vocab_size or cfg.model.vocab_size or 65536
+      self.hash_key = (m.hash_type, vocab, e, m.num_hashes, m.hash_seed + layer_idx,
+                       m.hash_frequencies)
+      routers.hash_table(*self.hash_key)  # build (and cache) now: errors surface at init
+    else:
+      self.hash_key = None
+    if m.router == "expert_choice":
+      warnings.warn("config.moe.router='expert_choice' is not causal: a token's experts depend "
+                    "on later tokens of its sequence (leaks the future in a decoder LM)",
+                    stacklevel=2)
+    self.act = ACTIVATIONS[cfg.ffn.activation]
+    self.dtype = DTYPES[cfg.model.compute_dtype]
+
+  # ---- FLOP accounting (sparsejax/scaling/flops.py) ----
+  def experts_per_token(self) -> float:
+    if self.router == "expert_choice":  # E * C slots shared by T tokens
+      c = max(1, min(self.seq_len, math.ceil(
+          self.capacity_factor * self.seq_len * self.top_k / self.num_experts)))
+      return self.num_experts * c / self.seq_len
+    return float(self.top_k)
+
+  def active_params_per_token(self) -> int:
+    """Matmul weights touched per token: router (+ noise projection) + routed experts + shared.
+    Capacity padding (empty slots still multiplied) is not counted."""
+    d, f = self.d_model, self.d_expert
+    router = 0 if self.router_DxE is None else d * self.num_experts
+    router += 0 if self.noise_DxE is None else d * self.num_experts
+    shared = 0 if self.shared_gate_DxS is None else 3 * self.shared_gate_DxS.shape[1] * d
+    return int(router + self.experts_per_token() * 3 * d * f + shared)
+
+  # ---- routing ----
+  def route(self, x32_NxD, tokens_N=None, rng=None):
+    """Token-choice / hash routing -> (Routing, extra unscaled losses)."""
+    losses = {}
+    if self.router == "hash":
+      if tokens_N is None:
+        raise ValueError("hash routing needs the token ids: call the MoE layer with tokens_BxT=")
+      return routers.hash_routing(tokens_N, routers.hash_table(*self.hash_key)), losses
+    logits = x32_NxD @ self.router_DxE[...].astype(jnp.float32)
+    clean = logits
+    if self.noise_DxE is not None and rng is not None:
+      noise_logits = x32_NxD @ self.noise_DxE[...].astype(jnp.float32)
+      logits, sigma = routers.noisy_logits(clean, noise_logits, rng)
+      if dict(self.coef)["load_loss"]:
+        losses["load_loss"] = routers.cv_squared(
+            routers.smooth_load(clean, logits, sigma, self.top_k))
+    bias = None if self.buffer_expert_bias_E is None else self.buffer_expert_bias_E[...]
+    r = routers.token_choice(logits, self.top_k, score_fn=self.score_fn,
+                             renormalize=self.renormalize, bias_E=bias)
+    if dict(self.coef)["importance_loss"]:
+      losses["importance_loss"] = routers.importance_loss(r, self.num_experts)
+    return r, losses
+
+  def _run(self, local_fn, x_BxTxD, *routes):
+    """local_fn(x, *routes, wg, wu, wd, axis_name=...) directly, or under shard_map (EP)."""
+    ws = (self.w_gate_ExDxF[...], self.w_up_ExDxF[...], self.w_down_ExFxD[...])
+    ep = _ep_mesh(self.num_experts, x_BxTxD.shape[0])
+    if ep is None:
+      return local_fn(x_BxTxD, *routes, *ws, axis_name=None)
+    mesh, batch_axes = ep
+    act_spec = P(batch_axes, None, None)
+    w_spec = P("expert", None, None)
+    fn = jax.shard_map(lambda *a: local_fn(*a, axis_name="expert"), mesh=mesh,
+                       in_specs=(act_spec,) * (1 + len(routes)) + (w_spec,) * 3,
+                       out_specs=act_spec)
+    return fn(x_BxTxD, *routes, *ws)
+
+  def __call__(self, x_BxTxD: jax.Array, tokens_BxT: jax.Array | None = None, *,
+               rng: jax.Array | None = None) -> jax.Array:
+    b, t, d = x_BxTxD.shape
+    e, dt = self.num_experts, self.dtype
+    x32_NxD = x_BxTxD.reshape(b * t, d).astype(jnp.float32)
+    metrics, losses = {}, {}
+    if self.router == "expert_choice":
+      cap = max(1, min(t, math.ceil(self.capacity_factor * t * self.top_k / e)))
+      logits_BxTxE = (x32_NxD @ self.router_DxE[...].astype(jnp.float32)).reshape(b, t, e)
+      tok, gate, s_BxTxE = routers.expert_choice(logits_BxTxE, cap, self.score_fn)
+      y = self._run(lambda *a, axis_name: _expert_choice_local(
+          *a, act=self.act, dt=dt, axis_name=axis_name), x_BxTxD, tok, gate)
+      picked_BxT = jax.vmap(lambda tk: jnp.zeros((t,), jnp.int32).at[tk.reshape(-1)].add(1))(tok)
+      metrics["dropped_fraction"] = jnp.mean((picked_BxT == 0).astype(jnp.float32))
+      probs = s_BxTxE.reshape(b * t, e)
+      probs = probs / jnp.sum(probs, -1, keepdims=True)
+      logits = logits_BxTxE.reshape(b * t, e)
+      load_E = jnp.full((e,), 1.0 / e, jnp.float32)
+    else:
+      tokens_N = None if tokens_BxT is None else tokens_BxT.reshape(-1)
+      r, losses = self.route(x32_NxD, tokens_N, rng)
+      k = r.expert_NxK.shape[-1]
+      if self.dispatch == "dropless":
+        y = dropless(x_BxTxD.reshape(b * t, d), r.expert_NxK, r.gate_NxK, self.w_gate_ExDxF[...],
+                     self.w_up_ExDxF[...], self.w_down_ExFxD[...], num_experts=e, act=self.act,
+                     dt=dt).reshape(b, t, d)
+        metrics["dropped_fraction"] = jnp.zeros((), jnp.float32)
+      else:
+        cap = max(1, min(t, math.ceil(self.capacity_factor * t * k / e)))
+        expert_BxTxK = r.expert_NxK.reshape(b, t, k)
+        # slot of each assignment within its expert, in token order (causal, see docstring)
+        onehot = jax.nn.one_hot(expert_BxTxK.reshape(b, t * k), e, dtype=jnp.int32)
+        pos = jnp.cumsum(onehot, axis=1) - 1
+        slot_BxTxK = jnp.take_along_axis(pos, expert_BxTxK.reshape(b, t * k, 1), axis=-1
+                                         ).reshape(b, t, k)
+        y = self._run(lambda *a, axis_name: _capacity_local(
+            *a, num_experts=e, cap=cap, act=self.act, dt=dt, axis_name=axis_name),
+            x_BxTxD, expert_BxTxK, slot_BxTxK, r.gate_NxK.reshape(b, t, k))
+        metrics["dropped_fraction"] = jnp.mean((slot_BxTxK >= cap).astype(jnp.float32))
+      load_E = routers.load_fraction(r.expert_NxK, e)
+      probs, logits = r.probs_NxE, r.logits_NxE
+      if probs is not None:
+        losses["load_balance_loss"] = routers.load_balance_loss(r, e)
+    if logits is not None:
+      losses["router_z_loss"] = routers.z_loss(logits)
+      metrics["router_entropy"] = routers.entropy(probs)
+    y = y.astype(dt)
+    if self.shared_gate_DxS is not None:
+      xs = x_BxTxD.astype(dt)
+      h = self.act(jnp.einsum("btd,ds->bts", xs, self.shared_gate_DxS[...].astype(dt))) * \
+          jnp.einsum("btd,ds->bts", xs, self.shared_up_DxS[...].astype(dt))
+      h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+      y = y + jnp.einsum("bts,sd->btd", h, self.shared_down_SxD[...].astype(dt))
+    aux = jnp.zeros((), jnp.float32)
+    for name, value in losses.items():
+      aux = aux + dict(self.coef)[name] * value
+      self.sow(nnx.Intermediate, name, value)
+    self.sow(nnx.Intermediate, "aux_loss", aux)
+    self.sow(nnx.Intermediate, "expert_load", load_E)
+    self.sow(nnx.Intermediate, "load_max_over_mean", jnp.max(load_E) * e)
+    if self.buffer_expert_bias_E is not None:
+      bias = self.buffer_expert_bias_E[...]
+      self.sow(nnx.Intermediate, "update__buffer_expert_bias_E",
+               routers.update_expert_bias(bias, load_E, self.bias_rate) - bias)
+    for name, value in metrics.items():
+      self.sow(nnx.Intermediate, name, value)
+    return y.astype(x_BxTxD.dtype)
+
+
+# ---- config checks (run by sparsejax.config.from_config_dict) ----
+
+@register_check
+def _check_moe(cfg) -> None:
+  from sparsejax.config import ConfigError  # late import: config imports the registry lazily
+  if not any(ffn == "moe" for _, ffn in cfg.layer_types()):
+    return
+  m = cfg.moe
+  if m.num_experts < 1:
+    raise ConfigError(f"config.moe.num_experts: must be >= 1, got {m.num_experts}")
+  if not 1 <= m.top_k <= m.num_experts:
+    raise ConfigError(f"config.moe.top_k: must be in [1, num_experts={m.num_experts}], "
+                      f"got {m.top_k}")
+  if m.granularity < 1 or (not m.d_expert and cfg.d_ff % m.granularity):
+    raise ConfigError(f"config.moe.granularity: must be >= 1 and divide d_ff={cfg.d_ff}, "
+                      f"got {m.granularity}")
+  if m.d_expert < 0 or m.num_shared_experts < 0:
+    raise ConfigError("config.moe.d_expert / num_shared_experts: must be >= 0")
+  if not m.capacity_factor > 0:
+    raise ConfigError(f"config.moe.capacity_factor: must be > 0, got {m.capacity_factor}")
+  for key in ("load_balance_loss", "router_z_loss", "importance_loss", "load_loss",
+              "bias_update_rate"):
+    if getattr(m, key) < 0:
+      raise ConfigError(f"config.moe.{key}: must be >= 0, got {getattr(m, key)}")
+  if m.load_loss and m.router != "noisy_token_choice":
+    raise ConfigError("config.moe.load_loss: the smooth load loss needs "
+                      "router='noisy_token_choice'; use load_balance_loss")
+  if m.router == "hash":
+    if not 1 <= m.num_hashes <= m.num_experts or m.top_k != m.num_hashes:
+      raise ConfigError(f"config.moe.num_hashes: must be in [1, num_experts] and equal top_k "
+                        f"(got num_hashes={m.num_hashes}, top_k={m.top_k})")
+  if m.bias_balancing and m.router not in ("token_choice", "noisy_token_choice"):
+    raise ConfigError("config.moe.bias_balancing: only for token-choice routers, got "
+                      f"router={m.router!r}")
+  if m.load_balance_scope == "global_batch" and cfg.train.grad_accum_steps > 1:
+    raise ConfigError("config.moe.load_balance_scope: 'global_batch' with grad_accum_steps > 1 "
+                      "needs the load over all micro-batches (not yet available); use "
+                      "micro_batch (identical when grad_accum_steps == 1)")
+  if m.impl != "xla":
+    raise ConfigError("config.moe.impl: only 'xla' is available (Pallas grouped matmul: later)")
+  if cfg.mesh.expert > 1:
+    if m.num_experts % cfg.mesh.expert:
+      raise ConfigError(f"config.moe.num_experts: {m.num_experts} must be divisible by "
+                        f"mesh.expert={cfg.mesh.expert}")
+    if m.dispatch != "capacity" and m.router != "expert_choice":
+      raise ConfigError("config.moe.dispatch: expert parallelism (mesh.expert > 1) needs "
+                        "dispatch='capacity'")
