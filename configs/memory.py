@@ -11,6 +11,11 @@ Presets (``--config configs/memory.py:<preset>``):
          d_key 512; values trained with their own constant lr. Training FLOPs per token
          778M vs dense-125m 774M (+0.5%); 916M total parameters, 110.8M active per token.
          python -m sparsejax.train --config configs/memory.py:125m --workdir runs/memory-125m
+  350m, 760m, 1.3b
+         the dense shape of the same name with Memory+ in layers 6, 12 and 18 sharing one
+         1024² x d_model pool, same memory settings. Training FLOPs per token vs dense
+         (sparsejax.info): 350m 0.98x (1.40B total / 331M active params), 1.3b 0.96x
+         (3.37B / 1.22B); the three memory layers replace three FFNs, so they cost a little less.
 
 Any field can be overridden: --config.ffn.overrides=4:memory,8:memory --config.memory.top_k=16
 """
@@ -20,6 +25,8 @@ import pathlib
 from sparsejax.configs_loader import load_config_dict
 
 _DENSE = pathlib.Path(__file__).with_name("dense.py")
+# Memory+ layers at about L/4, L/2 and 3L/4 of each dense shape (one shared value pool).
+_LAYERS = {"125m": (3, 6, 9), "350m": (6, 12, 18), "760m": (6, 12, 18), "1.3b": (6, 12, 18)}
 
 
 def get_config(preset: str = "tiny"):
@@ -29,13 +36,14 @@ def get_config(preset: str = "tiny"):
     c.memory = dict(num_slots=32 ** 2, num_heads=2, top_k=8, d_key=32, memory_plus=True,
                     gate=False, qk_norm=True, shared_values=True, value_lr=3e-3,
                     value_grad_clip=1.0, value_weight_decay=0.0, impl="xla")
-  elif preset == "125m":
-    c = load_config_dict(f"{_DENSE}:125m")
-    c.ffn.overrides = ("3:memory", "6:memory", "9:memory")
+  elif preset in _LAYERS:
+    c = load_config_dict(f"{_DENSE}:{preset}")
+    c.ffn.overrides = tuple(f"{i}:memory" for i in _LAYERS[preset])
     c.memory = dict(num_slots=1024 ** 2, num_heads=4, top_k=32, d_key=512, memory_plus=True,
                     gate=False, qk_norm=True, shared_values=True, value_lr=1e-3,
                     value_grad_clip=1.0, value_weight_decay=0.0, impl="xla")
   else:
-    raise ValueError(f"configs/memory.py: unknown preset {preset!r}; choose one of tiny, 125m")
+    raise ValueError(f"configs/memory.py: unknown preset {preset!r}; choose one of tiny, "
+                     f"{', '.join(_LAYERS)}")
   c.name = f"memory-{preset}"
   return c

@@ -13,6 +13,11 @@ Presets (``--config configs/peer.py:<preset>``):
          17 layers -> 759 MFLOP/token vs dense-125m 774 (98%; 16 layers: 724, 18: 795);
          27.5B total parameters (1.6B per PEER layer), 99.8M active per token.
          python -m sparsejax.train --config configs/peer.py:125m --workdir runs/peer-125m
+  350m   dense-350m shape (d=1024, L=24), PEER in every layer, N = 1024², h=32, k=16:
+         1.06x dense-350m training FLOPs per token; 51.8B total, 361M active parameters.
+  760m   dense-760m shape (d=1536, L=24), N = 1024², h=32, k=64: 0.94x dense-760m FLOPs;
+         77.7B total, 679M active parameters. (A 1.3b match would need h*k beyond the paper's
+         regime at this depth; not provided.)
 
 Any field can be overridden: --config.peer.top_k=8 --config.peer.score=relu ...
 """
@@ -34,11 +39,21 @@ def get_config(preset: str = "tiny"):
     c.model.num_layers = PAPER_LAYERS
     c.peer = dict(num_experts=1024 ** 2, num_heads=8, top_k=16, d_key=128, shared_keys=True,
                   score="softmax", query_norm="rms", activation="gelu", impl="xla")
+  elif preset in _WIDE:
+    heads, top_k = _WIDE[preset]
+    c = load_config_dict(f"{_DENSE}:{preset}")
+    c.peer = dict(num_experts=1024 ** 2, num_heads=heads, top_k=top_k, d_key=128,
+                  shared_keys=True, score="softmax", query_norm="rms", activation="gelu",
+                  impl="xla")
   else:
-    raise ValueError(f"configs/peer.py: unknown preset {preset!r}; choose one of tiny, 125m")
+    raise ValueError(f"configs/peer.py: unknown preset {preset!r}; choose one of tiny, 125m, "
+                     f"{', '.join(_WIDE)}")
   c.ffn.type = "peer"
   c.name = f"peer-{preset}"
   return c
 
 
 PAPER_LAYERS = 17  # see the docstring: matches dense-125m training FLOPs per token within 2%
+# Wider shapes keep the dense depth and raise heads x top_k instead (searched over
+# h in {8, 16, 32}, k in {16, 32, 64} with sparsejax.scaling.flops at seq 2048, vocab 32768).
+_WIDE = {"350m": (32, 16), "760m": (32, 64)}
