@@ -40,16 +40,26 @@ class DenseAttention(nnx.Module):
     self.dtype = DTYPES[cfg.model.compute_dtype]
     self.impl = _resolve_impl(cfg.attention.impl, self.dtype)
 
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+  def project_qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array):
+    """q [B,T,H,Dh], k and v [B,T,K,Dh] after QK-norm and RoPE (shared by attention variants)."""
     dt = self.dtype
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq_DxHxK[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk_DxKxH[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv_DxKxH[...].astype(dt))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = constrain(rope(q, positions_BxT, self.rope_theta), ("act_batch", "act_length", "act_heads", None))
-    k = constrain(rope(k, positions_BxT, self.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
+    q = constrain(rope(q, positions_BxT, self.rope_theta),
+                  ("act_batch", "act_length", "act_heads", None))
+    k = constrain(rope(k, positions_BxT, self.rope_theta),
+                  ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
-    o_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+    return q, k, v
+
+  def project_out(self, o_BxTxHxK: jax.Array) -> jax.Array:
     o_BxTxHxK = constrain(o_BxTxHxK, ("act_batch", "act_length", "act_heads", None))
-    return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo_HxKxD[...].astype(dt))
+    return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo_HxKxD[...].astype(self.dtype))
+
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
+    o_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+    return self.project_out(o_BxTxHxK)
