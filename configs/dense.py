@@ -35,7 +35,8 @@ def base() -> ml_collections.ConfigDict:
   c.model = dict(vocab_size=0, d_model=256, num_layers=4, num_heads=4, num_kv_heads=0,
                  head_dim=0, tie_embeddings=True, param_dtype="float32",
                  compute_dtype="bfloat16", remat="none", z_loss=1e-4)
-  c.attention = dict(type="dense", pattern=(), rope_theta=10000.0, qk_norm=False, impl="auto")
+  c.attention = dict(type="dense", pattern=(), rope_theta=10000.0, qk_norm=False, impl="auto",
+                     mask="causal", block_q=128, block_kv=128, sparse_impl="auto")
   c.ffn = dict(type="dense", pattern=(), first_k_dense=0, overrides=(), d_ff=0,
                activation="swiglu")
   c.data = dict(path="", tokenizer="byte", seq_len=256, global_batch_size=16)

@@ -59,6 +59,12 @@ class AttentionConfig:
   qk_norm: bool = False
   # jax.nn.dot_product_attention backend; auto = cudnn on GPU with 16-bit compute, else xla
   impl: str = _choices("auto", "xla", "cudnn", default="auto")
+  # block_sparse layers: mask spec (kernels_pallas.block_sparse_attention.masks.parse_mask),
+  # block sizes and kernel backend (auto = Pallas on GPU, the jnp block-sparse path elsewhere)
+  mask: str = "causal"
+  block_q: int = 128
+  block_kv: int = 128
+  sparse_impl: str = _choices("auto", "pallas", "interpret", "xla", default="auto")
 
 
 @dataclasses.dataclass(frozen=True)
