@@ -57,3 +57,4 @@ from sparsejax.layers import ffn as _ffn  # noqa: E402,F401
 from sparsejax.layers import peer as _peer  # noqa: E402,F401
 from sparsejax.layers import memory as _memory  # noqa: E402,F401
 from sparsejax.layers import moe as _moe  # noqa
+from sparsejax.layers import block_sparse as _block_sparse  # noqa: E402,F401
