@@ -67,3 +67,27 @@ def test_tiny_preset_loss_falls(tmp_path, default_dataset):
   looplib.train_and_evaluate(cfg, tmp_path, devices=jax.devices()[:1])
   curve = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open()) if "loss" in r]
   assert curve[0] - np.mean(curve[-2:]) > 1.8, curve
+
+
+def test_pallas_path_under_a_data_parallel_mesh_matches_one_device():
+  """The kernel is a custom call: under a mesh the layer runs it per batch shard (shard_map)."""
+  from sparsejax.parallel import sharding as shd
+  from sparsejax.train.step import forward_sums
+  from sparsejax.train.state import init_state
+  from sparsejax.train.optim import make_optimizer
+  cfg = load_config("configs/sparse_attn.py:tiny", **{"attention.sparse_impl": "interpret"})
+  spec = model_spec(cfg, 257)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (8, T + 1)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  losses = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    rules = shd.rules_of(cfg.mesh)
+    state, shardings = init_state(spec, mesh, make_optimizer(cfg))
+    sharded = jax.device_put(batch, shd.batch_sharding(mesh, rules))
+    with shd.activation_sharding(mesh, rules):
+      fn = jax.jit(lambda p, b: forward_sums(spec.graphdef, p, b, 0.0)[0]["ce_sum"])
+      if len(devices) > 1:
+        assert "shard_map" in str(jax.make_jaxpr(fn)(state["params"], sharded))
+      losses.append(float(fn(state["params"], sharded)))
+  assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -11,14 +11,17 @@ sequence length seen at trace time (cached), bound to this layer's index so seed
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 
 from kernels_pallas.block_sparse_attention.layout import compile_layout
 from kernels_pallas.block_sparse_attention.masks import parse_mask
-from kernels_pallas.block_sparse_attention.ops import block_sparse_attention
+from kernels_pallas.block_sparse_attention.ops import block_sparse_attention, resolve_impl
 from sparsejax.layers.attention import DenseAttention
 from sparsejax.layers.registry import register_attention
+from sparsejax.parallel.sharding import active_mesh_rules, logical_spec
 
 
 @register_attention("block_sparse")
@@ -45,5 +48,18 @@ class BlockSparseAttention(DenseAttention):
 
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
-    o = block_sparse_attention(q, k, v, self.layout(q.shape[1]), impl=self.sparse_impl)
-    return self.project_out(o)
+    layout = self.layout(q.shape[1])
+    if self.mask_spec == "causal" and jax.default_backend() == "gpu":
+      # Dense causal: cuDNN's fused kernel is the faster path (TARGETS: never slower than 1.1x).
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+      return self.project_out(o)
+    attend = functools.partial(block_sparse_attention, layout=layout, impl=self.sparse_impl)
+    active = active_mesh_rules()
+    if active is not None and resolve_impl(self.sparse_impl, self.head_dim, layout.block_q,
+                                           layout.block_kv) != "xla":
+      # A Pallas kernel is a custom call the partitioner cannot split: run it per batch shard.
+      mesh, _ = active
+      spec = logical_spec(("act_batch", None, None, None), q.shape)
+      attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                             check_vma=False)
+    return self.project_out(attend(q, k, v))

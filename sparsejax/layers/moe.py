@@ -135,7 +135,7 @@ def dropless(x_NxD, expert_NxK, gate_NxK, wg, wu, wd, *, num_experts, act, dt):
 
 def _ep_mesh(num_experts: int, batch: int):
   """(mesh, batch PartitionSpec entry) when expert parallelism applies to this call, else None."""
-  active = sharding._ACTIVE.get()  # no public accessor in sharding.py yet
+  active = sharding.active_mesh_rules()
   if active is None:
     return None
   mesh, rules = active

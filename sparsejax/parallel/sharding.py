@@ -128,6 +128,18 @@ def activation_sharding(mesh: Mesh, rules: dict[str, Any]):
     _ACTIVE.reset(token)
 
 
+def active_mesh_rules() -> tuple[Mesh, dict[str, Any]] | None:
+  """The (mesh, rules) of the enclosing `activation_sharding` context, or None: for layers that
+  wrap a kernel in shard_map (custom calls are not split by the partitioner)."""
+  return _ACTIVE.get()
+
+
+def logical_spec(logical_axes: Sequence[str | None], shape: Sequence[int]) -> P | None:
+  """PartitionSpec of an activation under the active context (None outside one)."""
+  active = _ACTIVE.get()
+  return None if active is None else logical_to_spec(logical_axes, shape, *active)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   active = _ACTIVE.get()
   if active is None:
