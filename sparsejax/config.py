@@ -64,7 +64,7 @@ class AttentionConfig:
   mask: str = "causal"
   block_q: int = 128
   block_kv: int = 128
-  sparse_impl: str = _choices("auto", "pallas", "interpret", "xla", default="auto")
+  sparse_impl: str = _choices("auto", "pallas", "interpret", "xla", "splash", default="auto")
 
 
 @dataclasses.dataclass(frozen=True)

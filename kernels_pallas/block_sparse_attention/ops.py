@@ -9,7 +9,8 @@ impl:
   "pallas"     Pallas kernels lowered for the GPU (Triton backend);
   "interpret"  the same kernels with ``interpret=True`` (CPU tests);
   "xla"        pure jnp: the same block-sparse algorithm with gathers, differentiated by JAX;
-  "auto"       "pallas" on a GPU when the shapes suit Triton, else "xla".
+  "splash"     JAX's TPU splash attention kernel via ``splash.splash_attention`` (TPU only);
+  "auto"       "splash" on a TPU, "pallas" on a GPU when the shapes suit Triton, else "xla".
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from kernels_pallas.block_sparse_attention import kernel as _k
 
-IMPLS = ("auto", "pallas", "interpret", "xla")
+IMPLS = ("auto", "pallas", "interpret", "xla", "splash")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -85,6 +86,8 @@ def resolve_impl(impl: str, head_dim: int, block_q: int, block_kv: int) -> str:
     raise ValueError(f"impl={impl!r}; allowed: {', '.join(IMPLS)}")
   if impl != "auto":
     return impl
+  if jax.default_backend() == "tpu":
+    return "splash"
   on_gpu = jax.default_backend() == "gpu"
   return "pallas" if on_gpu and triton_supports(head_dim, block_q, block_kv) else "xla"
 
@@ -110,6 +113,10 @@ def block_sparse_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD
   impl = resolve_impl(impl, d, layout.block_q, layout.block_kv)
   if impl == "xla":
     return block_sparse_attention_xla(q, k, v, layout, seg_q, seg_kv, scale)
+  if impl == "splash":
+    from kernels_pallas.block_sparse_attention import splash as _splash  # TPU-only kernel
+    return _splash.splash_attention(q, k, v, layout, segment_ids_q=seg_q,
+                                    segment_ids_kv=seg_kv, scale=scale)
   if impl == "pallas" and not triton_supports(d, layout.block_q, layout.block_kv):
     raise ValueError(f"impl='pallas' (Triton) needs power-of-two head_dim and blocks >= 16; got "
                      f"head_dim={d}, block_q={layout.block_q}, block_kv={layout.block_kv}; "

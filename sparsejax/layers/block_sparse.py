@@ -7,6 +7,11 @@ sequence length seen at trace time (cached), bound to this layer's index so seed
 (BigBird random blocks) differ per layer and head. The kernel is chosen by
 ``config.attention.sparse_impl``: Pallas on GPU, the pure-jnp block-sparse path elsewhere,
 ``interpret`` runs the Pallas kernels on CPU.
+
+``attention.block_q`` / ``block_kv`` of 0 mean "auto": the block sizes (and the Triton
+num_warps / num_stages) come from ``kernels_pallas.block_sparse_attention.tuning.choose`` for
+the current device, head_dim and sequence length. On a GPU, causal bands that are dense enough
+(``dense_dispatch``) go to cuDNN's fused attention instead of the block-sparse kernel.
 """
 
 from __future__ import annotations
@@ -17,11 +22,45 @@ import jax
 from flax import nnx
 
 from kernels_pallas.block_sparse_attention.layout import compile_layout
-from kernels_pallas.block_sparse_attention.masks import parse_mask
+from kernels_pallas.block_sparse_attention import tuning
+from kernels_pallas.block_sparse_attention.masks import Mask, parse_mask
 from kernels_pallas.block_sparse_attention.ops import block_sparse_attention, resolve_impl
 from sparsejax.layers.attention import DenseAttention
 from sparsejax.layers.registry import register_attention
 from sparsejax.parallel.sharding import active_mesh_rules, logical_spec
+
+# Band limits at or beyond this magnitude stand for +-infinity (masks use 1 << 62).
+_UNBOUNDED = 1 << 61
+# Above this layout density a causal window is cheaper through cuDNN's dense kernel (TARGETS:
+# at density > 0.5 never slower than 1.1x cuDNN; dispatching to it is fine).
+DENSE_DISPATCH_DENSITY = 0.5
+
+
+def dense_dispatch(mask: Mask | str, density: float, platform: str,
+                   dtype=None) -> dict | None:
+  """kwargs for ``jax.nn.dot_product_attention`` when this mask is better served by cuDNN's
+  fused kernel, else None. Pure (no device queries), so it is testable on CPU.
+
+  Yes on ``platform == "gpu"`` for a causal band ``lo <= kv - q <= 0``: plain causal (``lo``
+  unbounded) at any density, a causal window only when ``density > 0.5``. cuDNN takes fp16 /
+  bf16 only: a given ``dtype`` outside those gives None."""
+  if platform != "gpu":
+    return None
+  if dtype is not None and jax.numpy.dtype(dtype) not in (jax.numpy.float16,
+                                                          jax.numpy.bfloat16):
+    return None
+  mask = parse_mask(mask) if isinstance(mask, str) else mask
+  band = mask.band
+  if band is None or band[1] != 0:
+    return None
+  lo = band[0]
+  kwargs = {"is_causal": True, "implementation": "cudnn"}
+  if lo <= -_UNBOUNDED:
+    return kwargs
+  if lo > 0 or density <= DENSE_DISPATCH_DENSITY:
+    return None
+  kwargs["local_window_size"] = (int(-lo), 0)
+  return kwargs
 
 
 @register_attention("block_sparse")
@@ -31,16 +70,27 @@ class BlockSparseAttention(DenseAttention):
     super().__init__(cfg, layer_idx, rngs=rngs, shared=shared)
     self.mask_spec = cfg.attention.mask
     self.layer_idx = layer_idx
-    self.block_q, self.block_kv = cfg.attention.block_q, cfg.attention.block_kv
+    self.block_q, self.block_kv = cfg.attention.block_q, cfg.attention.block_kv  # 0 = auto
     self.sparse_impl = cfg.attention.sparse_impl
     self.num_heads, self.head_dim = cfg.model.num_heads, cfg.head_dim
     mask = parse_mask(self.mask_spec)
     self.layout_heads = self.num_heads if mask.head_dependent else 1
 
+  def block_config(self, seq_len: int) -> tuning.BlockConfig:
+    """Block sizes and Triton launch parameters for ``seq_len``. A block of 0 in the config is
+    taken from ``tuning.choose`` for the current device; explicit blocks are clipped to the
+    sequence and keep the tuned num_warps / num_stages only when they equal the tuned blocks."""
+    tuned = tuning.choose(jax.devices()[0].device_kind, self.head_dim, seq_len)
+    bq = tuned.block_q if self.block_q == 0 else min(self.block_q, seq_len)
+    bkv = tuned.block_kv if self.block_kv == 0 else min(self.block_kv, seq_len)
+    if (bq, bkv) != (tuned.block_q, tuned.block_kv):
+      return tuning.BlockConfig(bq, bkv)
+    return tuned
+
   def layout(self, seq_len: int):
-    return compile_layout(self.mask_spec, seq_len, seq_len, min(self.block_q, seq_len),
-                          min(self.block_kv, seq_len), num_heads=self.layout_heads,
-                          layer=self.layer_idx)
+    bc = self.block_config(seq_len)
+    return compile_layout(self.mask_spec, seq_len, seq_len, bc.block_q, bc.block_kv,
+                          num_heads=self.layout_heads, layer=self.layer_idx)
 
   def attention_flops_per_token(self, seq_len: int) -> float:
     """Forward FLOPs per token of scores and values over the visible elements only."""
@@ -48,12 +98,15 @@ class BlockSparseAttention(DenseAttention):
 
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
+    bc = self.block_config(q.shape[1])
     layout = self.layout(q.shape[1])
-    if self.mask_spec == "causal" and jax.default_backend() == "gpu":
-      # Dense causal: cuDNN's fused kernel is the faster path (TARGETS: never slower than 1.1x).
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-      return self.project_out(o)
-    attend = functools.partial(block_sparse_attention, layout=layout, impl=self.sparse_impl)
+    dense = dense_dispatch(layout.mask, layout.density, jax.default_backend(), q.dtype)
+    if dense is not None:
+      # Dense-enough causal band: cuDNN's fused kernel is the faster path (TARGETS: at density
+      # > 0.5 never slower than 1.1x cuDNN).
+      return self.project_out(jax.nn.dot_product_attention(q, k, v, **dense))
+    attend = functools.partial(block_sparse_attention, layout=layout, impl=self.sparse_impl,
+                               num_warps=bc.num_warps, num_stages=bc.num_stages)
     active = active_mesh_rules()
     if active is not None and resolve_impl(self.sparse_impl, self.head_dim, layout.block_q,
                                            layout.block_kv) != "xla":
