@@ -89,6 +89,7 @@ def _segments(b, t, seed=0):
 CASES = {
     # name: (T, bq, bkv, H, K, D, mask, layout heads, segments)
     "causal": (128, 32, 32, 2, 2, 64, CAUSAL, 1, False),
+    "window_d128_gqa2": (128, 32, 32, 4, 2, 128, WINDOW64, 1, False),
     "window64_gqa2": (128, 32, 16, 4, 2, 32, WINDOW64, 1, False),
     "blocks_per_head_gqa4": (128, 16, 16, 4, 1, 16, BLOCKS, 4, False),
     "array_per_head": (128, 32, 32, 2, 2, 16, _random_block_table(2, 128, 32), 2, False),
