@@ -102,7 +102,8 @@ class Mask:
   def elementwise(self, q_idx, kv_idx, head=0):
     inner = self._expand()
     if inner is None:
-      raise NotImplementedError(type(self).__name__)
+      raise TypeError(f"{type(self).__name__} defines neither elementwise() nor _expand(); a "
+                      "Mask subclass must implement one of them")
     return inner.elementwise(q_idx, kv_idx, head)
 
   def classify(self, q0, q1, k0, k1, head: int = 0) -> np.ndarray:

@@ -58,7 +58,8 @@ def product_key_topk(q1: jax.Array, q2: jax.Array, keys1: jax.Array, keys2: jax.
     (scores [..., H, k] float32, descending; indices [..., H, k] int32 in [0, n²)).
   """
   if impl != "xla":
-    raise NotImplementedError(f"product-key impl {impl!r} is not available yet; use 'xla'")
+    raise ValueError(f"product-key impl {impl!r}: only 'xla' exists until the Pallas "
+                     "product-key kernel lands; set config.peer.impl / config.memory.impl='xla'")
   n = keys1.shape[-2]
   if keys2.shape[-2] != n:
     raise ValueError(f"sub-key tables differ in size: {keys1.shape} vs {keys2.shape}")
