@@ -14,6 +14,13 @@ os.environ.setdefault("SPARSEJAX_DATA_DIR", str(CACHE / "datasets"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (CI reproducibility); set
+# HYPOTHESIS_PROFILE=explore locally to search with fresh random examples.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 jax.config.update("jax_compilation_cache_dir", str(CACHE / "jax-compile"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
