@@ -237,14 +237,13 @@ def _coerce(value, tp, key: str):
       raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
     return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
   if origin in (types.UnionType, typing.Union):
-    errors = []
     for a in typing.get_args(tp):
       if a is type(None) and value is None:
         return None
       try:
         return _coerce(value, a, key)
-      except ConfigError as e:
-        errors.append(str(e))
+      except ConfigError:
+        continue
     raise ConfigError(f"{key}: {value!r} matches none of {typing.get_args(tp)}")
   raise ConfigError(f"{key}: unsupported schema type {_type_name(tp)}")
 
@@ -284,7 +283,7 @@ def _check(cfg: Config) -> None:
   """Cross-field checks: impossible combinations fail here, not deep inside a jit."""
   from sparsejax.layers import registry  # late import: registry imports layer modules
 
-  m, a = cfg.model, cfg.attention
+  m = cfg.model
   positive = {"config.model.d_model": m.d_model, "config.model.num_layers": m.num_layers,
               "config.model.num_heads": m.num_heads, "config.data.seq_len": cfg.data.seq_len,
               "config.data.global_batch_size": cfg.data.global_batch_size,

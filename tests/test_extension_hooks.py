@@ -12,7 +12,6 @@ from flax import nnx
 from sparsejax.config import ConfigError
 from sparsejax.configs_loader import load_config
 from sparsejax.layers import registry
-from sparsejax.layers.common import param
 from sparsejax.layers.ffn import GatedFFN
 from sparsejax.parallel.sharding import make_mesh
 from sparsejax.train import loop as looplib

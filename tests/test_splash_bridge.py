@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.block_sparse_attention import (block_sparse_attention, compile_layout,
+from kernels_pallas.block_sparse_attention import (compile_layout,
                                                    dense_mask, dense_masked_attention,
                                                    resolve_impl, splash)
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm

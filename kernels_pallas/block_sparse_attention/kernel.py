@@ -361,7 +361,7 @@ def backward_dkv(cfg: KernelConfig, q, k, v, do, lse2, delta, seg_q, seg_kv, tab
                  q_idx, q_full):
   """dK, dV [B, Sp, K, D]; dK/dV of a kv head summed over its G q heads inside the kernel."""
   b, tp, h, d = q.shape
-  sp, kvh = k.shape[1], k.shape[2]
+  kvh = k.shape[2]
   bkv = cfg.block_kv
   q_flat = q.reshape(b, tp, h * d)
   do_flat = do.reshape(b, tp, h * d)

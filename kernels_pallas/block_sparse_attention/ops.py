@@ -15,7 +15,6 @@ impl:
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp

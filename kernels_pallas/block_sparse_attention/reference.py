@@ -11,8 +11,6 @@ softmax is taken in float32, and a row with no visible key has output 0 (and log
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 

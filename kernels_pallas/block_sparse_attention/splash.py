@@ -117,7 +117,7 @@ def to_splash_mask(layout, num_heads: int | None = None, *, padded_shape=None):
 def _empty_rows(layout, num_heads: int) -> np.ndarray | None:
   """bool [H, T]: q rows with no visible key (None if there are none). Only q blocks without
   a full kv block are examined, and only over their listed (partial) kv blocks."""
-  t, s, bq, bkv = layout.seq_q, layout.seq_kv, layout.block_q, layout.block_kv
+  t, bq, bkv = layout.seq_q, layout.block_q, layout.block_kv
   empty = np.zeros((layout.num_heads, t), bool)
   for r in range(layout.num_heads):
     for i in range(layout.num_q_blocks):

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from sparsejax import data as sdata
-from sparsejax.config import Config, ConfigError, from_config_dict
+from sparsejax.config import Config, ConfigError
 from sparsejax.parallel import sharding as shd
 from sparsejax.scaling import flops
 from sparsejax.train import step as steplib
