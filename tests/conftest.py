@@ -8,6 +8,9 @@ import pathlib
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One BLAS thread per process: scipy's L-BFGS fits (scaling laws) ran 5-20x slower with two
+# threads fighting over the two CI cores next to an xdist worker.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CACHE = pathlib.Path(os.environ.get("SPARSEJAX_TEST_CACHE", REPO / ".cache"))
 os.environ.setdefault("SPARSEJAX_DATA_DIR", str(CACHE / "datasets"))

@@ -25,6 +25,10 @@ every memory layer (keys and query projections stay per layer). Logical axes
 N rows and D/M columns, so a lookup is local and only the [B, T, D] output is split by column.
 Sown: ``usage_slots`` (float32 [N] selection counts).
 
+Kernels (``memory.impl``, resolved by sparsejax/layers/kernel_impl.py): "xla" is jnp top-k and
+take + einsum; "pallas" runs the fused product-key top-k + softmax kernel and the weighted
+gather-sum kernel (deterministic sorted reverse-index table gradient) of kernels_pallas.
+
 Cost convention (scaling/flops.py units, per token): D·H·d_key (queries) + H·n·d_key (sub-key
 scores) + H·k·D (value rows) + 2·D² (Memory+) + D (gate).
 """
@@ -35,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
 from sparsejax.layers.common import DTYPES, param
 from sparsejax.layers.registry import register_check, register_ffn
@@ -51,7 +56,7 @@ def _check_memory(cfg) -> None:
     return
   m = cfg.memory
   pk.check_product_key_section("config.memory", num_keys=m.num_slots, top_k=m.top_k,
-                               d_key=m.d_key, num_heads=m.num_heads, impl=m.impl)
+                               d_key=m.d_key, num_heads=m.num_heads)
 
 
 class MemoryValues(nnx.Module):
@@ -74,7 +79,8 @@ class MemoryLayer(nnx.Module):
     self.n = pk.isqrt_exact(m.num_slots)
     self.d_model = d
     self.param_bytes = jnp.dtype(pdt).itemsize
-    self.qk_norm, self.impl, self.eps = m.qk_norm, m.impl, cfg.model.norm_eps
+    self.qk_norm, self.eps = m.qk_norm, cfg.model.norm_eps
+    self.impl = kernel_impl.resolve(m.impl, "config.memory.impl")
     self.dtype = DTYPES[cfg.model.compute_dtype]
     h, c = m.num_heads, m.d_key // 2
     self.w_query_DxHxK = param(rngs, (d, h, m.d_key), ("embed", "pk_heads", "pk_dim"), std=std,
@@ -117,19 +123,43 @@ class MemoryLayer(nnx.Module):
       k1, k2 = pk.normalize(k1, "rms", self.eps), pk.normalize(k2, "rms", self.eps)
     return q1, q2, k1, k2
 
-  def retrieve(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(scores [B, T, H, k] float32, slot indices [B, T, H, k] int32)."""
+  def retrieve(self, x_BxTxD: jax.Array, *, softmax: bool = False
+               ) -> tuple[jax.Array, jax.Array]:
+    """(scores [B, T, H, k] float32 — softmax weights with ``softmax`` —, slot indices
+    [B, T, H, k] int32)."""
     dt = self.dtype
     q1, q2, k1, k2 = self.half_queries_and_keys(x_BxTxD)
     return pk.product_key_topk(q1.astype(dt), q2.astype(dt), k1.astype(dt), k2.astype(dt),
-                               self.top_k, impl=self.impl)
+                               self.top_k, impl=self.impl, softmax=softmax)
 
   def read(self, weights_BxTxHxK: jax.Array, idx_BxTxHxK: jax.Array) -> jax.Array:
     """sum_h sum_k w · V[idx]: [B, T, D] in the compute dtype."""
-    rows = jnp.take(self.values.values_NxD[...], idx_BxTxHxK, axis=0).astype(self.dtype)
+    table = self.values.values_NxD[...]
+    if self.impl != "xla":
+      return self._read_kernel(table, weights_BxTxHxK, idx_BxTxHxK).astype(self.dtype)
+    rows = jnp.take(table, idx_BxTxHxK, axis=0).astype(self.dtype)
     rows = constrain(rows, ("act_batch", "act_length", None, None, "act_mem_dim"))
     out = jnp.einsum("bthk,bthkd->btd", weights_BxTxHxK.astype(self.dtype), rows)
     return constrain(out, ("act_batch", "act_length", "act_mem_dim"))
+
+  def _read_kernel(self, table_NxD, w_BxTxHxK, idx_BxTxHxK):
+    """The weighted gather-sum kernel over the table as stored (no full-table cast), per batch
+    shard and per column shard of the values (their columns follow the "mem_dim" rule)."""
+    from jax.sharding import PartitionSpec as P
+    from kernels_pallas.gather_sum.ops import gather_sum
+
+    b, t, h, k = idx_BxTxHxK.shape
+    rows, cols = kernel_impl.batch_axis(b), kernel_impl.mesh_axis("mem_dim", table_NxD.shape[1])
+
+    def local(table, w, idx):
+      bb = idx.shape[0]
+      out = gather_sum(table, idx.reshape(bb * t, h * k), w.reshape(bb * t, h * k),
+                       impl=self.impl)
+      return out.reshape(bb, t, -1)
+
+    fn = kernel_impl.per_shard(local, in_specs=(P(None, cols), P(rows), P(rows)),
+                               out_specs=P(rows, None, cols))
+    return fn(table_NxD, w_BxTxHxK.astype(jnp.float32), idx_BxTxHxK)
 
   def output(self, x_BxTxD: jax.Array, mem_BxTxD: jax.Array) -> jax.Array:
     dt = self.dtype
@@ -144,9 +174,9 @@ class MemoryLayer(nnx.Module):
     return y
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    scores, idx = self.retrieve(x_BxTxD)
+    weights, idx = self.retrieve(x_BxTxD, softmax=True)
     self.sow(nnx.Intermediate, "usage_slots", pk.usage_counts(idx, self.num_slots))
-    mem = self.read(jax.nn.softmax(scores, axis=-1), idx)
+    mem = self.read(weights, idx)
     y = self.output(x_BxTxD, mem)
     return constrain(y, ("act_batch", "act_length", "act_embed"))
 

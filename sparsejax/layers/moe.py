@@ -33,9 +33,11 @@ Dispatch (``config.moe.dispatch``) for token-choice / hash routing:
     einsums: a one-hot dispatch costs T*E*C*D FLOPs per group, as much as the experts
     themselves at fine granularity), experts run as one batched einsum, overflow is dropped
     (the residual carries the token) and the dropped fraction is sown.
-  * ``dropless``: assignments sorted by expert, ``jax.lax.ragged_dot`` grouped matmuls, unsorted
-    and combined. The reference path (slow on GPU at jax 0.11; a Pallas grouped matmul will sit
-    behind ``config.moe.impl``).
+  * ``dropless``: assignments sorted by expert, grouped matmuls, unsorted and combined.
+    ``config.moe.impl="xla"``: ``jax.lax.ragged_dot`` (the reference; ~11 TFLOP/s on an H200 at
+    jax 0.11); ``"pallas"``: the grouped-matmul kernel of kernels_pallas/grouped_matmul (GPU;
+    interpret mode on CPU; ragged_dot on TPU), run per batch shard under a mesh with the expert
+    hidden dimension split over the "expert_mlp" mesh axis.
 
 Expert parallelism: with ``config.mesh.expert > 1`` and an active activation-sharding context,
 capacity buffers are exchanged with ``jax.lax.all_to_all`` over the ``expert`` mesh axis inside
@@ -58,7 +60,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sparsejax.layers import routers
+from sparsejax.layers import kernel_impl, routers
 from sparsejax.layers.common import DTYPES, param
 from sparsejax.layers.ffn import ACTIVATIONS
 from sparsejax.layers.registry import register_check, register_ffn
@@ -119,18 +121,44 @@ def _expert_choice_local(x_GxTxD, tok_GxExC, gate_GxExC, wg, wu, wd, *, act, dt,
   return combine(tok_GxExC, out)
 
 
-def dropless(x_NxD, expert_NxK, gate_NxK, wg, wu, wd, *, num_experts, act, dt):
-  """Sort assignments by expert, grouped matmuls (ragged_dot), unsort, combine with the gates."""
+def dropless(x_NxD, expert_NxK, gate_NxK, wg, wu, wd, *, num_experts, act, dt, impl="xla",
+             tensor_axis=None):
+  """Sort assignments by expert, grouped matmuls, unsort, combine with the gates.
+
+  impl "xla": ``jax.lax.ragged_dot``; "pallas" / "interpret": kernels_pallas grouped_matmul.
+  ``tensor_axis``: inside shard_map with the expert hidden dimension F split over that mesh axis
+  (wg / wu column shards, wd row shards), the partial outputs are summed over it.
+  """
   n, k = expert_NxK.shape
   flat_e = expert_NxK.reshape(-1)
   order = jnp.argsort(flat_e, stable=True)
   xs = x_NxD.astype(dt)[order // k]
   sizes_E = jnp.zeros((num_experts,), jnp.int32).at[flat_e].add(1)
-  h = act(jax.lax.ragged_dot(xs, wg.astype(dt), sizes_E)) * jax.lax.ragged_dot(
-      xs, wu.astype(dt), sizes_E)
-  ys = jax.lax.ragged_dot(h, wd.astype(dt), sizes_E)
+  if impl == "xla":
+    mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dt), sizes_E)
+  else:
+    from kernels_pallas.grouped_matmul.ops import grouped_matmul
+    mm = lambda a, w: grouped_matmul(a, w.astype(dt), sizes_E, impl=impl)
+  h = act(mm(xs, wg)) * mm(xs, wu)
+  ys = mm(h, wd)
+  if tensor_axis is not None:
+    ys = jax.lax.psum(ys, tensor_axis)
   y_NKxD = jnp.zeros_like(ys).at[order].set(ys)
   return jnp.einsum("nkd,nk->nd", y_NKxD.reshape(n, k, -1), gate_NxK.astype(dt))
+
+
+def _dropless_sharded(x_NxD, expert_NxK, gate_NxK, wg, wu, wd, **kw):
+  """``dropless`` with a kernel impl: per batch shard (tokens are sorted within a shard), the
+  expert hidden dimension split over the mesh axis of "expert_mlp" (Megatron-style)."""
+  rows = kernel_impl.batch_axis(x_NxD.shape[0])
+  f_axis = kernel_impl.mesh_axis("expert_mlp", wg.shape[-1])
+  tok = P(rows, None)
+  fn = kernel_impl.per_shard(
+      lambda *a: dropless(*a, tensor_axis=f_axis, **kw),
+      in_specs=(tok, tok, tok, P(None, None, f_axis), P(None, None, f_axis),
+                P(None, f_axis, None)),
+      out_specs=tok)
+  return fn(x_NxD, expert_NxK, gate_NxK, wg, wu, wd)
 
 
 def _ep_mesh(num_experts: int, batch: int):
@@ -199,6 +227,7 @@ class MoE(nnx.Module):
                     stacklevel=2)
     self.act = ACTIVATIONS[cfg.ffn.activation]
     self.dtype = DTYPES[cfg.model.compute_dtype]
+    self.impl = kernel_impl.resolve(m.impl, "config.moe.impl")
 
   # ---- FLOP accounting (sparsejax/scaling/flops.py) ----
   def experts_per_token(self) -> float:
@@ -277,9 +306,10 @@ class MoE(nnx.Module):
       r, losses = self.route(x32_NxD, tokens_N, rng)
       k = r.expert_NxK.shape[-1]
       if self.dispatch == "dropless":
-        y = dropless(x_BxTxD.reshape(b * t, d), r.expert_NxK, r.gate_NxK, self.w_gate_ExDxF[...],
-                     self.w_up_ExDxF[...], self.w_down_ExFxD[...], num_experts=e, act=self.act,
-                     dt=dt).reshape(b, t, d)
+        run = dropless if self.impl == "xla" else _dropless_sharded
+        y = run(x_BxTxD.reshape(b * t, d), r.expert_NxK, r.gate_NxK, self.w_gate_ExDxF[...],
+                self.w_up_ExDxF[...], self.w_down_ExFxD[...], num_experts=e, act=self.act,
+                dt=dt, impl=self.impl).reshape(b, t, d)
         metrics["dropped_fraction"] = jnp.zeros((), jnp.float32)
       else:
         cap = max(1, min(t, math.ceil(self.capacity_factor * t * k / e)))
@@ -361,8 +391,12 @@ def _check_moe(cfg) -> None:
     raise ConfigError("config.moe.load_balance_scope: 'global_batch' with grad_accum_steps > 1 "
                       "needs the load over all micro-batches (not yet available); use "
                       "micro_batch (identical when grad_accum_steps == 1)")
-  if m.impl != "xla":
-    raise ConfigError("config.moe.impl: only 'xla' is available (Pallas grouped matmul: later)")
+  if m.impl != "xla" and m.dispatch != "dropless" and m.router != "expert_choice":
+    raise ConfigError(f"config.moe.impl: {m.impl!r} is the grouped-matmul kernel of "
+                      "dispatch='dropless'; capacity dispatch is a batched einsum, set impl='xla'")
+  if m.impl != "xla" and m.router == "expert_choice":
+    raise ConfigError(f"config.moe.impl: {m.impl!r} applies to dropless token-choice / hash "
+                      "routing; expert_choice runs batched einsums, set impl='xla'")
   if cfg.mesh.expert > 1:
     if m.num_experts % cfg.mesh.expert:
       raise ConfigError(f"config.moe.num_experts: {m.num_experts} must be divisible by "

@@ -38,4 +38,6 @@ class MoEConfig:
   load_loss: float = 0.0         # Shazeer 2017 smooth load CV^2 (needs noisy_token_choice)
   bias_balancing: bool = False   # DeepSeek-V3 aux-loss-free selection bias (token choice)
   bias_update_rate: float = 1e-3
-  impl: str = _choices("xla", "pallas", default="xla")
+  # dropless grouped matmuls: "xla" (jax.lax.ragged_dot) | "pallas" (kernels_pallas grouped
+  # matmul on GPU, interpret mode on CPU, ragged_dot on TPU) | "interpret"
+  impl: str = _choices("xla", "pallas", "interpret", default="xla")

@@ -14,6 +14,10 @@ Tables: ``experts_in_NxD`` (u) and ``experts_out_NxD`` (v), logical axes
 Sown: ``usage_experts`` (float32 [N] selection counts; the evaluator turns them into touched
 fraction / KL from uniform).
 
+Kernels (``peer.impl``, resolved by sparsejax/layers/kernel_impl.py): "xla" is jnp top-k and
+take + einsum (materialises the [B, T, h, k, D] selected rows); "pallas" runs the fused
+product-key top-k (+ softmax) kernel and the fused PEER expert kernel of kernels_pallas.
+
 Cost convention (scaling/flops.py units, "equivalent matmul parameters" per token):
   D·h·d_key (query projections) + h·n·d_key (two halves of n sub-keys of d_key/2, per head)
   + h·k·2·D (selected u and v rows). Top-k / softmax / the k² candidate sums are not counted.
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
 from sparsejax.layers.common import DTYPES, param
 from sparsejax.layers.registry import register_check, register_ffn
@@ -42,7 +47,7 @@ def _check_peer(cfg) -> None:
     return
   p = cfg.peer
   pk.check_product_key_section("config.peer", num_keys=p.num_experts, top_k=p.top_k,
-                               d_key=p.d_key, num_heads=p.num_heads, impl=p.impl)
+                               d_key=p.d_key, num_heads=p.num_heads)
 
 
 @register_ffn("peer")
@@ -56,7 +61,9 @@ class PEER(nnx.Module):
     self.n = pk.isqrt_exact(p.num_experts)
     self.d_model = d
     self.param_bytes = jnp.dtype(pdt).itemsize
-    self.score, self.query_norm, self.impl = p.score, p.query_norm, p.impl
+    self.score, self.query_norm = p.score, p.query_norm
+    self.impl = kernel_impl.resolve(p.impl, "config.peer.impl")
+    self.activation = p.activation
     self.eps = cfg.model.norm_eps
     self.act = PEER_ACTIVATIONS[p.activation]
     self.dtype = DTYPES[cfg.model.compute_dtype]
@@ -90,28 +97,63 @@ class PEER(nnx.Module):
     bias = None if self.query_bias_HxK is None else self.query_bias_HxK[...]
     return pk.normalize(q, self.query_norm, self.eps, scale, bias)
 
-  def retrieve(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(scores [B, T, H, k] float32, expert indices [B, T, H, k] int32)."""
+  def retrieve(self, x_BxTxD: jax.Array, *, softmax: bool = False
+               ) -> tuple[jax.Array, jax.Array]:
+    """(scores [B, T, H, k] float32 — softmax weights with ``softmax`` —, expert indices
+    [B, T, H, k] int32)."""
     q = self.queries(x_BxTxD).astype(self.dtype)
     c = self.d_key // 2
     keys = self.subkeys_Gx2xSxC[...]
     return pk.product_key_topk(q[..., :c], q[..., c:], keys[:, 0], keys[:, 1], self.top_k,
-                               impl=self.impl)
+                               impl=self.impl, softmax=softmax)
 
   def gates(self, scores: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1) if self.score == "softmax" else jax.nn.relu(scores)
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     dt = self.dtype
-    scores, idx_BxTxHxK = self.retrieve(x_BxTxD)
+    fused_softmax = self.score == "softmax"
+    scores, idx_BxTxHxK = self.retrieve(x_BxTxD, softmax=fused_softmax)
     self.sow(nnx.Intermediate, "usage_experts", pk.usage_counts(idx_BxTxHxK, self.num_experts))
-    g = self.gates(scores)
+    g = scores if fused_softmax else self.gates(scores)
+    if self.impl != "xla":
+      y = self._experts_kernel(x_BxTxD, idx_BxTxHxK, g).astype(dt)
+      return constrain(y, ("act_batch", "act_length", "act_embed"))
     u = jnp.take(self.experts_in_NxD[...], idx_BxTxHxK, axis=0).astype(dt)   # [B,T,H,k,D]
     v = jnp.take(self.experts_out_NxD[...], idx_BxTxHxK, axis=0).astype(dt)
     hidden = self.act(jnp.einsum("btd,bthkd->bthk", x_BxTxD, u,
                                  preferred_element_type=jnp.float32))
     y = jnp.einsum("bthk,bthkd->btd", (g * hidden).astype(dt), v)
     return constrain(y, ("act_batch", "act_length", "act_embed"))
+
+  def _experts_kernel(self, x_BxTxD, idx_BxTxHxK, g_BxTxHxK):
+    """Selected experts with the kernels_pallas gather kernels, per batch shard. Unsplit
+    expert columns: one fused kernel (gather u rows, dot, activation, gate, weighted gather-sum
+    of v rows). Columns split over a mesh axis ("peer_dim" rule): partial dots per column
+    shard, summed over the axis, then each shard's columns of the output."""
+    from jax.sharding import PartitionSpec as P
+    from kernels_pallas.gather_sum.ops import gather_dot, gather_sum, peer_ffn
+
+    b, t, h, k = idx_BxTxHxK.shape
+    u, v = self.experts_in_NxD[...], self.experts_out_NxD[...]
+    rows, cols = kernel_impl.batch_axis(b), kernel_impl.mesh_axis("peer_dim", u.shape[1])
+    impl, act = self.impl, self.act
+
+    def local(x, u, v, idx, g):
+      bb = x.shape[0]
+      x2, idx2, g2 = (x.reshape(bb * t, -1).astype(u.dtype), idx.reshape(bb * t, h * k),
+                      g.reshape(bb * t, h * k))
+      if cols is None:
+        y = peer_ffn(x2, u, v, idx2, g2, activation=self.activation, impl=impl)
+      else:
+        pre = jax.lax.psum(gather_dot(u, idx2, x2, impl=impl), cols)
+        y = gather_sum(v, idx2, g2 * act(pre), impl=impl)
+      return y.reshape(bb, t, -1)
+
+    fn = kernel_impl.per_shard(
+        local, in_specs=(P(rows, None, cols), P(None, cols), P(None, cols), P(rows), P(rows)),
+        out_specs=P(rows, None, cols))
+    return fn(x_BxTxD, u, v, idx_BxTxHxK, g_BxTxHxK.astype(jnp.float32))
 
   # ---- accounting (scaling/flops.py) ----
   def active_params_per_token(self) -> int:

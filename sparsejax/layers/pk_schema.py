@@ -28,7 +28,9 @@ class PEERConfig:
   score: str = _choices("softmax", "relu", default="softmax")  # gates over a head's k scores
   query_norm: str = _choices("rms", "layer", "none", default="rms")  # per token, learned scale
   activation: str = _choices("gelu", "relu", "silu", default="gelu")
-  impl: str = _choices("xla", "pallas", default="xla")  # pallas: not available yet
+  # kernels: "xla" (jnp) | "pallas" (fused Pallas kernels on GPU, interpret mode on CPU, XLA on
+  # TPU: sparsejax/layers/kernel_impl.py) | "interpret" (force interpret mode)
+  impl: str = _choices("xla", "pallas", "interpret", default="xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,4 +46,6 @@ class MemoryConfig:
   value_lr: float = 1e-3         # values' own optimizer group (constant lr)
   value_grad_clip: float = 1.0
   value_weight_decay: float = 0.0
-  impl: str = _choices("xla", "pallas", default="xla")  # pallas: not available yet
+  # kernels: "xla" (jnp) | "pallas" (fused Pallas kernels on GPU, interpret mode on CPU, XLA on
+  # TPU: sparsejax/layers/kernel_impl.py) | "interpret" (force interpret mode)
+  impl: str = _choices("xla", "pallas", "interpret", default="xla")

@@ -14,8 +14,11 @@ Cost per token and head: 2·n·(d_key/2) multiply-adds for the sub-key scores (w
 ``active_params_per_token`` counts as n·d_key "equivalent matmul parameters"), plus top-k's and
 k² additions (ignored, like softmax elsewhere).
 
-``impl="xla"`` is this pure-jnp version; ``"pallas"`` is reserved for the fused kernel
-(kernels_pallas) and is refused by the config checks until it lands.
+``impl="xla"`` is this pure-jnp version; ``"pallas"`` / ``"interpret"`` run the fused kernel of
+kernels_pallas/product_key_topk (sub-key scores, both top-k's, the k×k combine and the optional
+softmax in one program per token block and head, so no score ever round-trips to HBM), per batch
+shard under an active mesh (sparsejax/layers/kernel_impl.py). The config value "pallas" is
+resolved per backend by ``kernel_impl.resolve``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sparsejax.layers import kernel_impl
 from sparsejax.parallel.sharding import register_rules
 
 # Logical axes of the product-key parameters (all replicated by default: sub-keys are small,
@@ -47,24 +51,27 @@ def subkey_scores(q_half: jax.Array, keys_half: jax.Array) -> jax.Array:
 
 
 def product_key_topk(q1: jax.Array, q2: jax.Array, keys1: jax.Array, keys2: jax.Array,
-                     top_k: int, *, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+                     top_k: int, *, impl: str = "xla",
+                     softmax: bool = False) -> tuple[jax.Array, jax.Array]:
   """Exact top-k over the n² product keys.
 
   Args:
-    q1, q2: query halves [..., H, C].
+    q1, q2: query halves [B, T, H, C].
     keys1, keys2: sub-key tables [H, n, C] (or [1, n, C]: shared by all heads).
     top_k: k <= n.
+    impl: "xla" (this module's jnp version) | "pallas" | "interpret" (the fused kernel).
+    softmax: return softmax weights over the k scores instead of the scores.
   Returns:
-    (scores [..., H, k] float32, descending; indices [..., H, k] int32 in [0, n²)).
+    (scores or weights [B, T, H, k] float32, scores descending; indices [B, T, H, k] int32 in
+    [0, n²)).
   """
-  if impl != "xla":
-    raise ValueError(f"product-key impl {impl!r}: only 'xla' exists until the Pallas "
-                     "product-key kernel lands; set config.peer.impl / config.memory.impl='xla'")
   n = keys1.shape[-2]
   if keys2.shape[-2] != n:
     raise ValueError(f"sub-key tables differ in size: {keys1.shape} vs {keys2.shape}")
   if not 0 < top_k <= n:
     raise ValueError(f"top_k={top_k} must be in [1, n={n}] (n = sqrt(number of keys))")
+  if impl != "xla":
+    return _kernel_topk(q1, q2, keys1, keys2, top_k, impl=impl, softmax=softmax)
   s1 = subkey_scores(q1, keys1)
   s2 = subkey_scores(q2, keys2)
   a1, i1 = jax.lax.top_k(s1, top_k)
@@ -73,7 +80,22 @@ def product_key_topk(q1: jax.Array, q2: jax.Array, keys1: jax.Array, keys2: jax.
   scores, c = jax.lax.top_k(cand, top_k)
   rows = jnp.take_along_axis(i1, c // top_k, axis=-1)
   cols = jnp.take_along_axis(i2, c % top_k, axis=-1)
+  if softmax:
+    scores = jax.nn.softmax(scores, axis=-1)
   return scores, (rows * n + cols).astype(jnp.int32)
+
+
+def _kernel_topk(q1, q2, keys1, keys2, top_k, *, impl, softmax):
+  """The fused kernel, per batch shard when a mesh is active (sub-keys replicated)."""
+  from kernels_pallas.product_key_topk.ops import product_key_topk as fused
+  from jax.sharding import PartitionSpec as P
+
+  keys1, keys2 = keys1.astype(q1.dtype), keys2.astype(q2.dtype)
+  bspec = P(kernel_impl.batch_axis(q1.shape[0]), None, None, None)
+  fn = kernel_impl.per_shard(
+      lambda a, b, c, d: fused(a, b, c, d, top_k, softmax=softmax, impl=impl),
+      in_specs=(bspec, bspec, P(), P()), out_specs=(bspec, bspec))
+  return fn(q1, q2, keys1, keys2)
 
 
 def usage_counts(indices: jax.Array, num_keys: int) -> jax.Array:
@@ -100,7 +122,7 @@ def normalize(x: jax.Array, kind: str, eps: float, scale=None, bias=None) -> jax
 
 
 def check_product_key_section(prefix: str, *, num_keys: int, top_k: int, d_key: int,
-                              num_heads: int, impl: str) -> None:
+                              num_heads: int) -> None:
   """One-line ConfigErrors for an impossible product-key section (``prefix`` = "config.peer")."""
   from sparsejax.config import ConfigError  # late: config imports the schema, not the layers
   n = isqrt_exact(num_keys) if num_keys > 0 else None
@@ -114,5 +136,3 @@ def check_product_key_section(prefix: str, *, num_keys: int, top_k: int, d_key: 
                       f"got {d_key}")
   if num_heads <= 0:
     raise ConfigError(f"{prefix}.num_heads: must be > 0, got {num_heads}")
-  if impl != "xla":
-    raise ConfigError(f"{prefix}.impl: {impl!r} is not available yet; use 'xla'")
