@@ -5,6 +5,7 @@
     sparsejax prepare  [--input PATH ...] [--out DIR] [--tokenizer ...] (= python -m sparsejax.data.prepare)
     sparsejax demo     [--workdir runs/default]                         (= python -m sparsejax.demo)
     sparsejax info     --config configs/dense.py:350m                   (= python -m sparsejax.info)
+    sparsejax fit      --root runs/isoflop_tiny [--out DIR]             (= python -m sparsejax.fit)
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ COMMANDS = {
     "prepare": "sparsejax.data.prepare",
     "demo": "sparsejax.demo",
     "info": "sparsejax.info",
+    "fit": "sparsejax.fit",
 }
+# Commands whose module parses its own arguments (argparse): main(argv) -> exit status.
+ARGPARSE = {"fit"}
 REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"], "info": ["config"]}
 
 
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2 if len(argv) >= 2 and argv[1] not in ("-h", "--help") else 0)
   command = argv[1]
   module = importlib.import_module(COMMANDS[command])  # defines only this command's flags
+  if command in ARGPARSE:
+    sys.exit(module.main(argv[2:]))
   from absl import app, flags
   if hasattr(module, "define_flags"):
     module.define_flags()

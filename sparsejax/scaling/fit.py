@@ -240,10 +240,11 @@ def fit_approach3(N, D, L, *, huber_delta: float = 1e-3, grid=None, bootstrap: i
     samples = samples[np.all(np.isfinite(samples), axis=1)]
     if len(samples) == 0:
       raise ValueError("bootstrap failed: no resample reached a finite optimum")
-    named = {
-        "E": np.exp(samples[:, 2]), "A": np.exp(samples[:, 0]), "B": np.exp(samples[:, 1]),
-        "alpha": samples[:, 3], "beta": samples[:, 4],
-    }
+    with np.errstate(over="ignore"):  # a degenerate resample may send log A past e^709: inf
+      named = {
+          "E": np.exp(samples[:, 2]), "A": np.exp(samples[:, 0]), "B": np.exp(samples[:, 1]),
+          "alpha": samples[:, 3], "beta": samples[:, 4],
+      }
     named["a"] = named["beta"] / (named["alpha"] + named["beta"])
     named["b"] = named["alpha"] / (named["alpha"] + named["beta"])
     intervals = {k: (float(np.percentile(v, 5)), float(np.percentile(v, 95)))

@@ -42,6 +42,7 @@ class RunResult:
   last_metrics: dict
   eval_metrics: dict | None
   preempted: bool
+  xla_flops_per_step: float | None = None  # XLA's count for the step, per device; None: no step
 
 
 class _SigtermFlag:
@@ -218,12 +219,17 @@ def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
     from tqdm import tqdm
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", mininterval=2.0)
 
-  last, eval_result, preempted = {}, None, False
+  last, eval_result, preempted, xla_flops = {}, None, False, None
   t_window, steps_window = time.perf_counter(), 0
   prev = None
   with _SigtermFlag() as sigterm, shd.activation_sharding(mesh, rules):
     for step_no in range(start, cfg.train.steps):
       batch = _global_batch(next(it), batch_sh, cfg.data.global_batch_size)
+      if xla_flops is None:  # compiles the step once: the call below reuses the executable
+        xla_flops = xla_flops_per_step(train_fn, state, batch)
+        if jax.process_index() == 0:
+          info["xla_flops_per_step"] = xla_flops
+          (workdir / "run_info.json").write_text(json.dumps(info, indent=1))
       state, metrics = train_fn(state, batch)
       done = step_no + 1
       # Check the previous step's finiteness while this one runs (one step of lag, no stall).
@@ -277,7 +283,16 @@ def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
     eval_result = run_eval(final_step)
   ckpt.close()
   writer.close()
-  return RunResult(workdir, final_step, last, eval_result, preempted)
+  return RunResult(workdir, final_step, last, eval_result, preempted, xla_flops)
+
+
+def xla_flops_per_step(jitted, *args, compiler_options: dict | None = None) -> float:
+  """FLOPs of one call of `jitted` on `args` by XLA's cost analysis of the compiled program, per
+  device. A loop body (lax.scan, e.g. gradient accumulation) is counted once per unrolled copy,
+  not times its trip count."""
+  cost = jitted.lower(*args).compile(compiler_options).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
 
 
 def _val_batches(dataset_dir, cfg: Config):

@@ -1,0 +1,178 @@
+"""Markdown report of a scaling-law analysis (the dict ``sparsejax.fit`` writes to fits.json).
+
+``headline(data)`` is the per-family table of fitted parameters with its conventions line,
+printable on its own; ``render`` ties it to the sweep summary, compute-optimal predictions, the
+approach-2 budgets, the sparse laws, the plots (relative links) and the records left out.
+Numbers are rounded here (3 significant digits); fits.json keeps full precision.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+REPORT = "REPORT.md"
+
+
+def _g(x, digits: int = 3) -> str:
+  if x is None:
+    return "–"
+  if isinstance(x, bool):
+    return "yes" if x else "no"
+  if isinstance(x, int):
+    return str(x)
+  return f"{x:.{digits}g}"
+
+
+def _ci(value, interval, digits: int = 3) -> str:
+  if not interval or None in interval:
+    return _g(value, digits)
+  return f"{_g(value, digits)} [{_g(interval[0], digits)}, {_g(interval[1], digits)}]"
+
+
+def _table(header, rows) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+  return lines
+
+
+def _conventions_line(data: dict) -> str:
+  c = data["conventions"]
+  return (f"Fit L = E + A/N^α + B/D^β (Chinchilla approach 3, Huber δ={_g(c['huber_delta'])} on "
+          f"log L); {c['N']}; {c['D']}; C = 6ND, N_opt ∝ C^a, D_opt ∝ C^b; {c['L']}; brackets: "
+          f"{c['intervals']}.")
+
+
+def headline(data: dict) -> str:
+  """The per-family parameter table (markdown) preceded by its conventions line."""
+  rows = []
+  for fam, f in data["families"].items():
+    a3, a2 = f["approach3"], f["approach2"]
+    a2_cell = _g(a2["a"]) if "skipped" not in a2 else "skipped"
+    if "skipped" in a3:
+      rows.append([fam, f["runs"], *(["–"] * 7), a2_cell])
+      continue
+    iv = a3.get("intervals") or {}
+    rows.append([fam, f["runs"], *(_ci(a3[k], iv.get(k)) for k in
+                                    ("E", "A", "alpha", "B", "beta", "a", "b")), a2_cell])
+  header = ["family", "runs", "E", "A", "α", "B", "β", "a (N_opt ∝ C^a)", "b (D_opt ∝ C^b)",
+            "a (approach 2)"]
+  warnings = [f"- ⚠ {fam}: {w}" for fam, f in data["families"].items()
+              for w in f.get("warnings", [])]
+  return "\n".join([_conventions_line(data), "", *_table(header, rows),
+                    *([""] + warnings if warnings else [])])
+
+
+def _summary(data: dict) -> list[str]:
+  rows, total_c, total_f, wall = [], 0.0, 0.0, 0.0
+  walls_known = True
+  runs_by_fam: dict[str, list[dict]] = {}
+  for r in data["runs"]:
+    runs_by_fam.setdefault(r["family"], []).append(r)
+  for fam, f in data["families"].items():
+    rs = runs_by_fam[fam]
+    c = sum(r["C"] for r in rs)
+    tf = sum(r["total_flops"] for r in rs)
+    total_c, total_f = total_c + c, total_f + tf
+    if f["wall_s"] is None:
+      walls_known = False
+    else:
+      wall += f["wall_s"]
+    budgets = ", ".join(f"{_g(b['C'])} ({b['runs']})" for b in f["budgets"])
+    rows.append([fam, f["runs"], f"{_g(min(r['N'] for r in rs))} – {_g(max(r['N'] for r in rs))}",
+                 budgets, _g(c), _g(tf),
+                 "–" if f["wall_s"] is None else f"{f['wall_s']:.0f} s"])
+  header = ["family", "runs fitted", "N range", "budgets C = 6ND (runs)", "Σ 6ND",
+            "Σ total_flops", "wall time"]
+  out = [f"{len(data['runs'])} runs fitted in {len(data['families'])} famil"
+         f"{'y' if len(data['families']) == 1 else 'ies'}, {len(data['problems'])} record(s) "
+         f"left out (see Problems). Compute: {_g(total_c)} FLOPs as 6ND, {_g(total_f)} as the "
+         "records' total_flops (6N + attention, sparsejax.scaling.flops)"
+         + (f"; wall time {wall:.0f} s in all." if walls_known else "."), ""]
+  return out + _table(header, rows)
+
+
+def _predictions(data: dict) -> list[str]:
+  rows = []
+  for fam, f in data["families"].items():
+    for p in f["predictions"]:
+      a3, a2 = p["approach3"], p["approach2"]
+      rows.append([fam, f"{_g(p['C'])} ({p['label']})",
+                   _ci(a3["N_opt"], a3["N_opt_ci"]) if a3 else "–",
+                   _ci(a3["D_opt"], a3["D_opt_ci"]) if a3 else "–",
+                   _g(a3["D_opt"] / a3["N_opt"]) if a3 else "–",
+                   _g(a3["L_opt"]) if a3 else "–",
+                   _g(a2["N_opt"]) if a2 else "–", _g(a2["D_opt"]) if a2 else "–"])
+  header = ["family", "C", "N_opt (appr. 3)", "D_opt (appr. 3)", "D/N", "L_opt (appr. 3)",
+            "N_opt (appr. 2)", "D_opt (appr. 2)"]
+  return _table(header, rows)
+
+
+def _approach2(data: dict) -> list[str]:
+  out = []
+  for fam, f in data["families"].items():
+    a2 = f["approach2"]
+    out.append(f"**{fam}**: " + (f"skipped: {a2['skipped']}." if "skipped" in a2 else
+                                f"N_opt ∝ C^{_g(a2['a'])}, D_opt ∝ C^{_g(a2['b'])} from "
+                                f"{a2['n_used']} budget(s)."))
+    rows = []
+    for m in a2.get("minima", []):
+      flag = "used" if m["ok"] else ("concave" if not m["positive_curvature"] else
+                                     "minimum outside sampled N range")
+      rows.append([_g(m["C"]), m["n_points"], _g(m["N_opt"]), _g(m["D_opt"]), _g(m["L_opt"]),
+                   flag])
+    rows += [[_g(b["C"]), "–", "–", "–", "–", f"skipped: {b['reason']}"]
+             for b in a2.get("skipped_budgets", [])]
+    if rows:
+      out += [""] + _table(["budget C", "runs", "N*", "D*", "L*", "status"], rows)
+    out.append("")
+  return out
+
+
+def _sparse(data: dict) -> list[str]:
+  laws = data.get("sparse_laws") or {}
+  if not laws:
+    return ["Not requested (--sparse none)."]
+  out = ["S = 1 − params_active_per_token / params_total (MoE, PEER and memory layers: the "
+         "weights a token does not use count as pruned; params_total includes the input "
+         "embedding, so untied-embedding models get S > 0 from it); G = the run's "
+         "`moe.granularity` override (1 if none); N, D and L as above.", ""]
+  for form, law in laws.items():
+    out.append(f"**{law['title']}**: `{law['formula']}`")
+    if law["fits"]:
+      names = list(law["fits"][0]["params"])
+      rows = [[f["scope"], f["n_points"], ", ".join(_g(v, 4) for v in f["levels"]),
+               *(_ci(f["params"][k], (f["intervals"] or {}).get(k)) for k in names)]
+              for f in law["fits"]]
+      out += [""] + _table(["scope", "runs", "levels", *names], rows)
+    for s in law["skipped"]:
+      out.append(f"- not fitted for {s['scope']}: {s['reason']}")
+    out.append("")
+  return out
+
+
+def render(data: dict, images: list[tuple[str, str]]) -> str:
+  lines = [f"# Scaling-law report: `{data['root']}`", "",
+           "Written by `python -m sparsejax.fit`; full-precision numbers in `fits.json`.", "",
+           "## Sweep summary", "", *_summary(data), "",
+           "## Fitted parameters", "", headline(data), "",
+           "## Compute-optimal predictions", "",
+           "At each family's isoFLOP budgets and at 10x / 100x its largest (extrapolations); "
+           "approach-3 brackets are bootstrap (5%, 95%) percentiles.", "",
+           *_predictions(data), "",
+           "## Approach 2 (isoFLOP parabolas)", "",
+           "Budgets group runs by recorded total_flops (within a factor 1 + "
+           f"{_g(data['conventions']['budget_tol'])}); C is the group's geometric-mean 6ND.", "",
+           *_approach2(data),
+           "## Sparse scaling laws", "", *_sparse(data),
+           "## Plots", ""]
+  lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in images] or ["None written."]
+  lines += ["", "## Problems (records left out)", ""]
+  lines += ([f"- `{p['name']}` ({p['file']}): {p['reason']}" for p in data["problems"]] or
+            ["None."])
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def write(data: dict, out, images: list[tuple[str, str]]) -> pathlib.Path:
+  path = pathlib.Path(out) / REPORT
+  path.write_text(render(data, images))
+  return path
