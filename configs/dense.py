@@ -46,7 +46,7 @@ def base() -> ml_collections.ConfigDict:
                  eval_every_steps=100, eval_batches=8, checkpoint_every_steps=100,
                  keep_checkpoints=3, async_checkpoint=True, max_nonfinite_in_a_row=5,
                  peak_tflops_per_device=0.0, progress_bar=True)
-  c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1, rules=())
+  c.mesh = dict(preset="", data=-1, fsdp=1, expert=1, tensor=1, dcn=1, rules=())
   return ml_collections.ConfigDict(c)
 
 

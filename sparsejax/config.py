@@ -122,11 +122,16 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh axis sizes (one may be -1: all remaining devices) and logical -> mesh axis rules."""
+  """Mesh axis sizes (one may be -1: all remaining devices) and logical -> mesh axis rules.
+  ``preset`` (dp, fsdp, fsdp_tp, fsdp_ep, multislice; sparsejax/parallel/mesh_presets.py) sets
+  the sizes at validation; "" keeps them as given."""
+  preset: str = ""
   data: int = -1
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
+  dcn: int = 1                   # slices joined by DCN / the node network (outermost axis, pure
+                                 # data parallel); 0: one per TPU slice or per process
   rules: tuple[tuple[str, Any], ...] = ()  # () = sparsejax.parallel.sharding.DEFAULT_RULES
 
 
@@ -235,7 +240,7 @@ def _coerce(value, tp, key: str):
       return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if len(args) != len(value):
       raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
-    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
   if origin in (types.UnionType, typing.Union):
     for a in typing.get_args(tp):
       if a is type(None) and value is None:
@@ -360,6 +365,8 @@ def from_config_dict(raw: ml_collections.ConfigDict | dict) -> Config:
   if isinstance(raw, ml_collections.ConfigDict):
     raw = raw.to_dict()
   cfg = _build(Config, dict(raw), "config")
+  from sparsejax.parallel import mesh_presets  # late import: it imports jax
+  cfg = dataclasses.replace(cfg, mesh=mesh_presets.resolve(cfg.mesh))  # before the MoE checks
   _check(cfg)
   return cfg
 

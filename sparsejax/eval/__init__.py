@@ -27,13 +27,14 @@ _log = logging.getLogger("sparsejax")
 
 def _fit_mesh(mesh_cfg: MeshConfig, n: int) -> MeshConfig:
   sizes = [s for s in (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.expert, mesh_cfg.tensor)]
-  fixed = math.prod(s for s in sizes if s != -1)
-  fits = n % fixed == 0 if -1 in sizes else math.prod(sizes) == n
+  dcn = max(mesh_cfg.dcn, 1)  # 0 = one per slice / process: re-derived on this machine
+  fixed = math.prod(s for s in sizes if s != -1) * dcn
+  fits = n % fixed == 0 if -1 in sizes else math.prod(sizes) * dcn == n
   if fits:
     return mesh_cfg
-  _log.info("saved mesh %s does not fit %d devices; evaluating with FSDP over all devices",
-            sizes, n)
-  return MeshConfig(data=1, fsdp=-1, expert=1, tensor=1, rules=mesh_cfg.rules)
+  _log.info("saved mesh %s (dcn %d) does not fit %d devices; evaluating with FSDP over all "
+            "devices", sizes, mesh_cfg.dcn, n)
+  return MeshConfig(data=1, fsdp=-1, expert=1, tensor=1, dcn=1, rules=mesh_cfg.rules)
 
 
 def evaluate(workdir: str | pathlib.Path, *, step: int | None = None, data: str | None = None,

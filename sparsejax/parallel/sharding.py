@@ -5,9 +5,12 @@ and key activations are constrained with ``constrain(x, ("act_batch", "act_lengt
 The rule table maps each logical name to mesh axes; a rule is applied to a dimension only when
 the dimension divides evenly, otherwise that dimension is replicated (and we say so once).
 
-Mesh axes, outermost first: ``data`` (pure data parallel), ``fsdp`` (data parallel with
-parameters / optimizer state sharded), ``expert`` (reserved for expert parallelism), ``tensor``
-(Megatron-style tensor parallelism; innermost so it lands on the fastest interconnect).
+Mesh axes, outermost first: ``dcn`` (only when config.mesh.dcn > 1 or auto-detects several
+slices: pure data parallel across TPU slices / GPU nodes), ``data`` (pure data parallel),
+``fsdp`` (data parallel with parameters / optimizer state sharded), ``expert`` (expert
+parallelism), ``tensor`` (Megatron-style tensor parallelism; innermost so it lands on the fastest
+interconnect). Named presets of sizes and rule overrides (``config.mesh.preset``), the dcn device
+grouping and the golden sharding dumps live in mesh_presets.py.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # within a slice; "dcn" goes before them
 
 # Parameters use plain names; activations use act_* names so that the embed dimension of a
 # weight can be FSDP-sharded while the embed dimension of an activation is not.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("act_batch", ("data", "fsdp", "expert")),
+    ("act_batch", ("dcn", "data", "fsdp", "expert")),
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -60,28 +63,26 @@ _warned: set = set()
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Build the (data, fsdp, expert, tensor) mesh; one size may be -1 (all remaining devices)."""
+  """Build the ([dcn,] data, fsdp, expert, tensor) mesh; one size may be -1 (all remaining
+  devices of a slice); a config.mesh.preset is resolved first (mesh_presets.resolve)."""
+  from sparsejax.parallel import mesh_presets  # imports this module
   devices = list(devices if devices is not None else jax.devices())
-  n = len(devices)
-  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.expert, mesh_cfg.tensor]
-  fixed = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if n % fixed:
-      raise ValueError(f"config.mesh: fixed axis sizes multiply to {fixed}, which does not divide "
-                       f"the {n} available devices; change config.mesh.*")
-    sizes[sizes.index(-1)] = n // fixed
-  if math.prod(sizes) != n:
-    raise ValueError(f"config.mesh: axis sizes {dict(zip(MESH_AXES, sizes))} use "
-                     f"{math.prod(sizes)} devices but {n} are available; set one axis to -1")
-  if n == len(jax.devices()) and devices == list(jax.devices()):
-    return jax.make_mesh(tuple(sizes), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  shape = mesh_presets.mesh_shape(mesh_cfg, len(devices), mesh_presets.num_granules(devices))
+  names, sizes = tuple(shape), tuple(shape.values())
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  if mesh_presets.DCN_AXIS in shape:
+    return Mesh(mesh_presets.hybrid_device_array(shape, devices), names, axis_types=auto)
+  if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
+    return jax.make_mesh(sizes, names, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(sizes), names)
 
 
 def rules_of(mesh_cfg) -> dict[str, Any]:
+  """Defaults, then the families' rules, then the preset's overrides, then config.mesh.rules."""
+  from sparsejax.parallel import mesh_presets
   rules = dict(DEFAULT_RULES)
   rules.update(_EXTRA_RULES)
+  rules.update(mesh_presets.preset_rules(mesh_cfg))
   rules.update({k: v for k, v in mesh_cfg.rules})
   return rules
 
