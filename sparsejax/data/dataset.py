@@ -156,7 +156,7 @@ def make_train_iterator(path: str | os.PathLike, *, seq_len: int,
                         global_batch_size: int, seed: int,
                         split: str = "train", process_index: int | None = None,
                         process_count: int | None = None, shuffle: bool = True,
-                        read_options: Any = None):
+                        read_options: Any = None, start_batch: int = 0):
   """An endless, checkpointable grain iterator of this process's batches.
 
   The window stream is ``windows`` shuffled with ``seed`` (reshuffled each
@@ -167,6 +167,10 @@ def make_train_iterator(path: str | os.PathLike, *, seq_len: int,
   ``get_state()`` is a JSON-serialisable dict; ``set_state`` resumes
   bit-identically. ``read_options`` (a ``grain.ReadOptions``) defaults to 2
   reader threads with a prefetch buffer of 4 batches.
+
+  ``start_batch=b`` starts at global batch ``b`` (random access, nothing is
+  read to get there): a run resumed after ``b`` steps on any process count
+  sees exactly the batches an uninterrupted run would.
   """
   import grain  # pylint: disable=import-outside-toplevel
   if process_index is None or process_count is None:
@@ -192,7 +196,18 @@ def make_train_iterator(path: str | os.PathLike, *, seq_len: int,
   ds = ds.map(to_inputs_targets)
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-  return iter(ds.to_iter_dataset(read_options))
+  it = iter(ds.to_iter_dataset(read_options))
+  if start_batch:
+    if start_batch < 0:
+      raise ValueError(f"start_batch={start_batch} must be >= 0")
+    # The state of an iterator over a MapDataset is the index of the next element; element b
+    # of this process's dataset is its part of global batch b.
+    state = it.get_state()
+    if set(state) != {"next_index"}:
+      raise RuntimeError(f"unexpected grain iterator state {state}; make_train_iterator "
+                         "needs updating for this grain version")
+    it.set_state({"next_index": int(start_batch)})
+  return it
 
 
 def make_eval_batches(path: str | os.PathLike, *, seq_len: int,

@@ -1,4 +1,8 @@
-"""python -m sparsejax.eval --workdir DIR [--step N] [--data PATH] -> one JSON line."""
+"""python -m sparsejax.eval --workdir DIR [--step N] [--data PATH] -> one JSON line.
+
+Reads the multi-process environment like ``python -m sparsejax.train`` (see
+sparsejax.parallel.distributed); with several processes all evaluate, process 0 prints.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +24,14 @@ def main(argv) -> None:
   from sparsejax.cli_common import one_line_errors, setup_logging
   setup_logging()
   with one_line_errors("sparsejax.eval"):
+    from sparsejax.parallel.distributed import initialize_from_env
+    initialize_from_env()  # before anything touches a device
+    import jax
     from sparsejax.eval import evaluate
-    print(json.dumps(evaluate(_WORKDIR.value, step=_STEP.value, data=_DATA.value,
-                              max_batches=_MAX_BATCHES.value, batch_size=_BATCH.value)))
+    result = evaluate(_WORKDIR.value, step=_STEP.value, data=_DATA.value,
+                      max_batches=_MAX_BATCHES.value, batch_size=_BATCH.value)
+    if jax.process_index() == 0:
+      print(json.dumps(result))
 
 
 if __name__ == "__main__":

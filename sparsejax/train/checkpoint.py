@@ -11,6 +11,12 @@ A step without a commit marker (torn: the process died mid-save) or whose files 
 its manifest (truncated / deleted files) is skipped with a warning and never restored; the
 previous committed step is used instead. Saves are asynchronous; markers are written once Orbax
 reports the save finished (checked at every step boundary and at exit).
+
+Several processes (jax.distributed): every process calls ``save`` (each writes its own shards;
+Orbax's finalize waits at a barrier for all of them before the step directory appears) and
+``restore`` (each reads what its devices need, so a checkpoint restores onto any process count
+and mesh); only process 0 writes commit markers, moves steps to quarantine and writes JSON items.
+``resume_step()`` makes every process resume from process 0's choice of step.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 _log = logging.getLogger(__name__)
@@ -37,6 +44,23 @@ def _manifest(step_dir: pathlib.Path) -> dict[str, int]:
           for p in sorted(step_dir.rglob("*")) if p.is_file()}
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager minus its own preemption-sync calls: it asks ``reached_preemption(step)``
+  from the save-finalize thread (process 0 only) with the step of an earlier save, which
+  overwrites the step jax's sync protocol reports for this process. Reported late, the agreed
+  stop step can be one this process has already passed, and it would never stop. The training
+  loop asks once per step instead (sparsejax.parallel.distributed.preemption_reached)."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f"sparsejax:{name}")
+
+
 class Checkpointer:
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     self.workdir = pathlib.Path(workdir)
@@ -46,8 +70,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    self.mngr = ocp.CheckpointManager(self.root.absolute(), options=options,
-                                      item_names=("state", "data", "meta"))
+    self.mngr = _Manager(self.root.absolute(), options=options,
+                         item_names=("state", "data", "meta"))
     self._pending: list[int] = []
 
   # ---- saving ----
@@ -82,18 +106,31 @@ class Checkpointer:
   def quarantine_after(self, step: int | None) -> None:
     """Move every step after `step` (torn or corrupt ones we are not resuming from) out of the
     way, into ``quarantine/``, so new saves of those step numbers can proceed. Nothing is
-    deleted."""
+    deleted. With several processes all must call it (process 0 moves, all re-list)."""
     later = [s for s in self.mngr.all_steps() if step is None or s > step]
-    if not later or jax.process_index() != 0:
-      return
-    qdir = self.workdir / "quarantine"
-    qdir.mkdir(exist_ok=True)
-    for s in later:
-      dest = qdir / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
-      _log.warning("moving unusable checkpoint step %d to %s", s, dest)
-      os.replace(self.root / str(s), dest)
-      (self.commits / f"{s}.json").unlink(missing_ok=True)
+    if later and jax.process_index() == 0:
+      qdir = self.workdir / "quarantine"
+      qdir.mkdir(exist_ok=True)
+      for s in later:
+        dest = qdir / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _log.warning("moving unusable checkpoint step %d to %s", s, dest)
+        os.replace(self.root / str(s), dest)
+        (self.commits / f"{s}.json").unlink(missing_ok=True)
+    _barrier("quarantine")
     self.mngr.reload()
+
+  def resume_step(self) -> int | None:
+    """The latest committed step (process 0's view, shared with all processes: a file system
+    seen at slightly different moments must not split the job), with later steps quarantined.
+    Call on every process."""
+    latest = self.latest_step()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      agreed = int(multihost_utils.broadcast_one_to_all(
+          np.int32(-1 if latest is None else latest)))
+      latest = None if agreed < 0 else agreed
+    self.quarantine_after(latest)
+    return latest
 
   # ---- restoring ----
   def _valid(self, step: int) -> bool:
@@ -136,3 +173,8 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     out = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return out["meta"]
+
+  def restore_data(self, step: int) -> dict:
+    """The data item alone (the data position), to check it before restoring the state."""
+    out = self.mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+    return out["data"]
