@@ -20,6 +20,8 @@ Any field can be overridden: --config.model.num_layers=8 --config.optim.lr=1e-3 
 
 import ml_collections
 
+from sparsejax.config import with_defaults
+
 _SHAPES = {
     # name: (d_model, num_layers, num_heads, num_kv_heads, lr)
     "125m": (768, 12, 12, 12, 6e-4),
@@ -47,7 +49,7 @@ def base() -> ml_collections.ConfigDict:
                  keep_checkpoints=3, async_checkpoint=True, max_nonfinite_in_a_row=5,
                  peak_tflops_per_device=0.0, progress_bar=True)
   c.mesh = dict(preset="", data=-1, fsdp=1, expert=1, tensor=1, dcn=1, rules=())
-  return ml_collections.ConfigDict(c)
+  return with_defaults(c)
 
 
 def get_config(preset: str = "small") -> ml_collections.ConfigDict:

@@ -22,6 +22,7 @@ Any field can be overridden: --config.ffn.overrides=4:memory,8:memory --config.m
 
 import pathlib
 
+from sparsejax.config import with_defaults
 from sparsejax.configs_loader import load_config_dict
 
 _DENSE = pathlib.Path(__file__).with_name("dense.py")
@@ -46,4 +47,4 @@ def get_config(preset: str = "tiny"):
     raise ValueError(f"configs/memory.py: unknown preset {preset!r}; choose one of tiny, "
                      f"{', '.join(_LAYERS)}")
   c.name = f"memory-{preset}"
-  return c
+  return with_defaults(c)

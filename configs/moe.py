@@ -33,6 +33,8 @@ import pathlib
 
 import ml_collections
 
+from sparsejax.config import with_defaults
+
 
 def _dense():
   path = pathlib.Path(__file__).resolve().parent / "dense.py"
@@ -62,4 +64,4 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
                dispatch="capacity", capacity_factor=1.25, load_balance_loss=0.01,
                router_z_loss=1e-3)
   c.name = f"moe-{preset}"
-  return ml_collections.ConfigDict(c)
+  return with_defaults(c)

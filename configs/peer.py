@@ -24,6 +24,7 @@ Any field can be overridden: --config.peer.top_k=8 --config.peer.score=relu ...
 
 import pathlib
 
+from sparsejax.config import with_defaults
 from sparsejax.configs_loader import load_config_dict
 
 _DENSE = pathlib.Path(__file__).with_name("dense.py")
@@ -50,7 +51,7 @@ def get_config(preset: str = "tiny"):
                      f"{', '.join(_WIDE)}")
   c.ffn.type = "peer"
   c.name = f"peer-{preset}"
-  return c
+  return with_defaults(c)
 
 
 PAPER_LAYERS = 17  # see the docstring: matches dense-125m training FLOPs per token within 2%

@@ -20,6 +20,7 @@ Any field can be overridden: --config.attention.mask='causal&window:512' ...
 
 import pathlib
 
+from sparsejax.config import with_defaults
 from sparsejax.configs_loader import load_config_dict
 
 _DENSE = pathlib.Path(__file__).with_name("dense.py")
@@ -47,4 +48,4 @@ def get_config(preset: str = "tiny"):
     raise ValueError(f"configs/sparse_attn.py: unknown preset {preset!r}; choose one of tiny, "
                      f"{', '.join(_LONG)}")
   c.name = f"sparse_attn-{preset}"
-  return c
+  return with_defaults(c)

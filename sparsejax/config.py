@@ -371,6 +371,27 @@ def from_config_dict(raw: ml_collections.ConfigDict | dict) -> Config:
   return cfg
 
 
+def with_defaults(raw: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
+  """``raw`` with every section of Config present and every field of each section filled with its
+  default where ``raw`` leaves it out, so that any field can be overridden on the command line
+  (``--config.train.stop_at_step=N`` needs the key to exist). Keys of ``raw`` win; unknown keys
+  stay (and fail validation as usual). Config files return ``with_defaults(c)``."""
+  if isinstance(raw, ml_collections.ConfigDict):
+    raw = raw.to_dict()
+  out = dict(raw)
+  for f in dataclasses.fields(Config):
+    default = getattr(Config(), f.name)
+    if not dataclasses.is_dataclass(default):
+      continue
+    section = dict(out.get(f.name) or {})
+    for g in dataclasses.fields(default):
+      if g.name not in section:
+        value = getattr(default, g.name)
+        section[g.name] = tuple(value) if isinstance(value, list) else value
+    out[f.name] = section
+  return ml_collections.ConfigDict(out)
+
+
 def to_config_dict(cfg: Config) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(cfg.to_dict())
 
