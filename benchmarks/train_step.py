@@ -139,9 +139,7 @@ def run_variant(cfg, vocab: int, args, ceilings: dict, nominal: float | None) ->
   tokens = np.random.default_rng(0).integers(0, vocab, (b, t + 1), dtype=np.int32)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, batch_sh)
   with shd.activation_sharding(mesh, rules):  # constraints apply while tracing, as in loop.py
-    fn = jax.jit(steplib.make_train_step(spec.graphdef, cfg, optimizer),
-                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                 donate_argnums=0)
+    fn = steplib.jit_train_step(spec.graphdef, cfg, optimizer, shardings, batch_sh)
     t0 = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     res["compile_s"] = time.perf_counter() - t0

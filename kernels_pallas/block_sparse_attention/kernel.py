@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from kernels_pallas._util import dot_f32 as _dot
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -78,13 +79,6 @@ class KernelConfig:
   @property
   def kv_padded(self) -> bool:
     return self.seq_kv % self.block_kv != 0
-
-
-def _dot(a, b, *, trans_a=False, trans_b=False):
-  """f32-accumulating block matmul; f32 inputs at full precision (no TF32) for parity."""
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _split_refs(cfg: KernelConfig, refs):

@@ -21,16 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.block_sparse_attention import kernel as _k
+from kernels_pallas._util import cdiv as _cdiv, is_pow2 as _is_pow2
 
 IMPLS = ("auto", "pallas", "interpret", "xla", "splash")
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
 
 
 def _check(q, k, v, layout, segment_ids_q, segment_ids_kv):

@@ -36,12 +36,9 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _sm
 
 from kernels_pallas.block_sparse_attention import masks as _m
+from kernels_pallas._util import cdiv as _cdiv
 
 _BIG = 1 << 40  # |band limit| beyond this = unbounded (our masks use 1 << 62)
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
 
 
 def _head_mask(mask: _m.Mask, head: int) -> _m.Mask:

@@ -19,6 +19,7 @@ to paste below. ``num_warps`` / ``num_stages`` of ``None`` leave the choice to t
 from __future__ import annotations
 
 import dataclasses
+from kernels_pallas._util import next_pow2 as _next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +50,6 @@ TABLE: dict[tuple[str, int], BlockConfig] = {
 DEFAULT_GPU = BlockConfig(64, 64, num_warps=4, num_stages=2)
 DEFAULT = BlockConfig(64, 64)
 MIN_BLOCK = 16
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
 
 
 def lookup(device_kind: str, head_dim: int) -> BlockConfig | None:

@@ -42,22 +42,11 @@ import jax.numpy as jnp
 
 from kernels_pallas.gather_sum import kernel as _k
 from kernels_pallas.gather_sum import reference as _ref
+from kernels_pallas._util import cdiv as _cdiv, is_pow2 as _is_pow2, next_pow2 as _pow2_at_least
 
 IMPLS = ("auto", "pallas", "interpret", "xla")
 ACTIVATION_NAMES = tuple(_k.ACTIVATIONS)
 F32 = jnp.float32
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _pow2_at_least(x: int) -> int:
-  return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _is_pow2(x) -> bool:
-  return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
 
 
 def resolve_impl(impl: str) -> str:

@@ -44,6 +44,7 @@ import numpy as np
 
 from kernels_pallas.grouped_matmul import kernel as _k
 from kernels_pallas.grouped_matmul import reference as _ref
+from kernels_pallas._util import is_pow2 as _is_pow2, next_pow2 as _next_pow2
 
 IMPLS = ("pallas", "interpret", "xla", "auto")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -52,14 +53,6 @@ _MAX_ELEMENTS = 2 ** 31 - 1
 
 def _round_up(x: int, b: int) -> int:
   return -(-x // b) * b
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(int(x) - 1, 0).bit_length()
-
-
-def _is_pow2(x) -> bool:
-  return isinstance(x, (int, np.integer)) and x > 0 and (x & (x - 1)) == 0
 
 
 def default_tiling(dtype) -> tuple[int, int, int]:

@@ -61,14 +61,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas._util import next_pow2
+
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 BIG_INDEX = 2**31 - 1       # "no match" for min-index reductions
 MIN_BLOCK = 16              # Triton dot operands: power-of-two dims >= 16
-
-
-def next_pow2(x: int) -> int:
-  return 1 << max(0, int(x) - 1).bit_length()
 
 
 def pad_k(top_k: int) -> int:

@@ -32,20 +32,13 @@ from jax import lax
 
 from kernels_pallas.product_key_topk import kernel as _k
 from kernels_pallas.product_key_topk.reference import product_key_topk_reference
+from kernels_pallas._util import cdiv as _cdiv, is_pow2 as _is_pow2
 
 IMPLS = ("pallas", "interpret", "xla")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_KEY_CHUNK = 128
 MAX_SUBKEYS = 46340          # n² must fit int32 indices
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
 
 
 def _is_int(x) -> bool:

@@ -27,6 +27,7 @@ from kernels_pallas.block_sparse_attention.masks import Mask, parse_mask
 from kernels_pallas.block_sparse_attention.ops import block_sparse_attention, resolve_impl
 from sparsejax.layers.attention import DenseAttention
 from sparsejax.layers.registry import register_attention
+from sparsejax.layers import kernel_impl
 from sparsejax.parallel.sharding import active_mesh_rules, logical_spec
 
 # Band limits at or beyond this magnitude stand for +-infinity (masks use 1 << 62).
@@ -111,8 +112,6 @@ class BlockSparseAttention(DenseAttention):
     if active is not None and resolve_impl(self.sparse_impl, self.head_dim, layout.block_q,
                                            layout.block_kv) != "xla":
       # A Pallas kernel is a custom call the partitioner cannot split: run it per batch shard.
-      mesh, _ = active
       spec = logical_spec(("act_batch", None, None, None), q.shape)
-      attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                             check_vma=False)
+      attend = kernel_impl.per_shard(attend, in_specs=(spec, spec, spec), out_specs=spec)
     return self.project_out(attend(q, k, v))

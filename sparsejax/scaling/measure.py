@@ -29,9 +29,7 @@ def _step_program(cfg: Config, devices, vocab: int):
   target, shardings = abstract_state(spec, mesh, optimizer)
   batch_sh = shd.batch_sharding(mesh, rules)
   with shd.activation_sharding(mesh, rules):
-    fn = jax.jit(steplib.make_train_step(spec.graphdef, cfg, optimizer),
-                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                 donate_argnums=0)
+    fn = steplib.jit_train_step(spec.graphdef, cfg, optimizer, shardings, batch_sh)
   return fn, spec, mesh, rules, optimizer, target, batch_sh
 
 

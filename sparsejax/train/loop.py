@@ -266,9 +266,7 @@ def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
 
     batch_sh = shd.batch_sharding(mesh, rules)
     with shd.activation_sharding(mesh, rules):
-      train_fn = jax.jit(steplib.make_train_step(spec.graphdef, cfg, optimizer),
-                         in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                         donate_argnums=0)
+      train_fn = steplib.jit_train_step(spec.graphdef, cfg, optimizer, shardings, batch_sh)
       eval_fn = jax.jit(steplib.make_eval_step(spec.graphdef),
                         in_shardings=(shardings["params"], batch_sh))
     val_batches = _val_batches(dataset_dir, cfg)

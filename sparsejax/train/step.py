@@ -88,6 +88,16 @@ def _per_leaf(fn, tree, prefix: str) -> dict[str, jax.Array]:
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def jit_train_step(graphdef, cfg, optimizer: optax.GradientTransformation, state_shardings,
+                   batch_sharding):
+  """The train step jitted as every caller runs it (loop, sweep measurements, benchmarks):
+  state and batch placed by their shardings, metrics replicated, the state donated. Call it
+  inside ``activation_sharding`` so the activation constraints apply while it traces."""
+  return jax.jit(make_train_step(graphdef, cfg, optimizer),
+                 in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
 def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
   accum = cfg.train.grad_accum_steps
   z_coef = cfg.model.z_loss
