@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 	$(PYBIN) -m sparsejax.demo --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports --no-cache
 	$(PYBIN) -m pytest -q -n 2 --durations=15 tests
 
 clean:

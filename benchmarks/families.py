@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 def run_family(config_file: str, preset: str, steps: int, eval_batches: int, workdir) -> dict:
   import jax
-  from sparsejax.configs_loader import load_config
-  from sparsejax.eval import evaluate
+  from sparsejax.configure import load_config
+  from sparsejax.eval.checkpoint import evaluate
   from sparsejax.train.loop import train_and_evaluate
 
   cfg = load_config(f"configs/{config_file}:{preset}", **{

@@ -9,7 +9,7 @@ and after the sweep, and MFU against the best of the two (same-run peer). Each v
 sharded state and jits the step as sparsejax/train/loop.py does (same shardings, state donated),
 times compilation, runs --warmup steps, times --steps dispatched back to back with one block at
 the end (step_ms_mean, tokens_per_s, MFU) and --blocked-steps blocked one by one (median, min).
-FLOPs per token: sparsejax.scaling.flops (6 x matmul weights incl. head + causal attention
+FLOPs per token: sparsejax.models.accounting (6 x matmul weights incl. head + causal attention
 6*T*H*Dh per layer; remat recomputation not counted). Single process. sparsejax (and so
 ml_collections) is imported lazily so that --help works without it; grain/tensorboardX never.
 """
@@ -113,13 +113,15 @@ def vocab_of(cfg, vocab: int) -> int:
 
 def run_variant(cfg, vocab: int, args, ceilings: dict, nominal: float | None) -> dict:
   from sparsejax.parallel import sharding as shd
-  from sparsejax.scaling import flops
+from sparsejax.layers import registry
+from sparsejax.parallel import mesh as mesh_lib
+  from sparsejax.models import accounting as flops
   from sparsejax.train import step as steplib
   from sparsejax.train.optim import make_optimizer
   from sparsejax.train.state import init_state, model_spec
 
   devices = jax.devices()
-  mesh, rules = shd.make_mesh(cfg.mesh, devices), shd.rules_of(cfg.mesh)
+  mesh, rules = mesh_lib.make_mesh(cfg.mesh, devices), registry.logical_rules(cfg.mesh)
   spec, optimizer = model_spec(cfg, vocab), make_optimizer(cfg)
   counts = flops.count(spec.abstract_model, cfg)
   b, t = cfg.data.global_batch_size, cfg.data.seq_len
@@ -239,9 +241,9 @@ def main(argv=None) -> None:
   except ImportError:
     raise SystemExit("ml_collections is missing (sparsejax.config needs it); on the GPU machine "
                      "carry its wheel, see benchmarks/README.md") from None
-  from sparsejax.config import replace
-  from sparsejax.configs_loader import load_config
-  from sparsejax.scaling import flops
+  from sparsejax.configure import replace
+  from sparsejax.configure import load_config
+  from sparsejax.models import accounting as flops
 
   base = {}
   for flag, key in (("batch", "data.global_batch_size"), ("seq", "data.seq_len"),

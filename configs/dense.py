@@ -20,7 +20,7 @@ Any field can be overridden: --config.model.num_layers=8 --config.optim.lr=1e-3 
 
 import ml_collections
 
-from sparsejax.config import with_defaults
+from sparsejax.configure import with_defaults
 
 _SHAPES = {
     # name: (d_model, num_layers, num_heads, num_kv_heads, lr)
@@ -32,24 +32,9 @@ _SHAPES = {
 
 
 def base() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.name = "dense"
-  c.model = dict(vocab_size=0, d_model=256, num_layers=4, num_heads=4, num_kv_heads=0,
-                 head_dim=0, tie_embeddings=True, param_dtype="float32",
-                 compute_dtype="bfloat16", remat="none", z_loss=1e-4)
-  c.attention = dict(type="dense", pattern=(), rope_theta=10000.0, qk_norm=False, impl="auto",
-                     mask="causal", block_q=128, block_kv=128, sparse_impl="auto")
-  c.ffn = dict(type="dense", pattern=(), first_k_dense=0, overrides=(), d_ff=0,
-               activation="swiglu")
-  c.data = dict(path="", tokenizer="byte", seq_len=256, global_batch_size=16)
-  c.optim = dict(lr=3e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1, b1=0.9,
-                 b2=0.95, weight_decay=0.1, grad_clip=1.0)
-  c.train = dict(steps=300, seed=0, grad_accum_steps=1, log_every_steps=10,
-                 eval_every_steps=100, eval_batches=8, checkpoint_every_steps=100,
-                 keep_checkpoints=3, async_checkpoint=True, max_nonfinite_in_a_row=5,
-                 peak_tflops_per_device=0.0, progress_bar=True)
-  c.mesh = dict(preset="", data=-1, fsdp=1, expert=1, tensor=1, dcn=1, rules=())
-  return with_defaults(c)
+  """The schema defaults (sparsejax/config/schema.py): d=256, 4 layers, 4 heads, byte-level
+  data at seq 256, AdamW 3e-3 cosine, 300 steps."""
+  return with_defaults({"name": "dense"})
 
 
 def get_config(preset: str = "small") -> ml_collections.ConfigDict:

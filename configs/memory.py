@@ -22,8 +22,7 @@ Any field can be overridden: --config.ffn.overrides=4:memory,8:memory --config.m
 
 import pathlib
 
-from sparsejax.config import with_defaults
-from sparsejax.configs_loader import load_config_dict
+from sparsejax.configure import load_config_dict, with_defaults
 
 _DENSE = pathlib.Path(__file__).with_name("dense.py")
 # Memory+ layers at about L/4, L/2 and 3L/4 of each dense shape (one shared value pool).
@@ -34,15 +33,11 @@ def get_config(preset: str = "tiny"):
   if preset == "tiny":
     c = load_config_dict(f"{_DENSE}:tiny")
     c.ffn.overrides = ("1:memory",)
-    c.memory = dict(num_slots=32 ** 2, num_heads=2, top_k=8, d_key=32, memory_plus=True,
-                    gate=False, qk_norm=True, shared_values=True, value_lr=3e-3,
-                    value_grad_clip=1.0, value_weight_decay=0.0, impl="xla")
+    c.memory.update(num_slots=32 ** 2, num_heads=2, top_k=8, d_key=32, value_lr=3e-3)
   elif preset in _LAYERS:
     c = load_config_dict(f"{_DENSE}:{preset}")
     c.ffn.overrides = tuple(f"{i}:memory" for i in _LAYERS[preset])
-    c.memory = dict(num_slots=1024 ** 2, num_heads=4, top_k=32, d_key=512, memory_plus=True,
-                    gate=False, qk_norm=True, shared_values=True, value_lr=1e-3,
-                    value_grad_clip=1.0, value_weight_decay=0.0, impl="xla")
+    # the MemoryConfig defaults: N = 1024^2 slots, 4 heads, k=32, d_key 512, Memory+, QK-norm
   else:
     raise ValueError(f"configs/memory.py: unknown preset {preset!r}; choose one of tiny, "
                      f"{', '.join(_LAYERS)}")

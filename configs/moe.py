@@ -25,24 +25,16 @@ Same shapes as configs/dense.py; every FFN is "moe" (mix with --config.ffn.patte
 Options: --config.moe.router=noisy_token_choice | expert_choice (non-causal!) | hash
 (--config.moe.top_k=<num_hashes>, hash_type=balanced), --config.moe.bias_balancing=True,
 --config.moe.dispatch=dropless, --config.moe.score_fn=sigmoid, --config.moe.num_shared_experts=1
-(all fields: sparsejax/layers/moe_schema.py).
+(all fields: MoEConfig in sparsejax/layers/moe.py).
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
-from sparsejax.config import with_defaults
+from sparsejax.configure import load_config_dict, with_defaults
 
-
-def _dense():
-  path = pathlib.Path(__file__).resolve().parent / "dense.py"
-  spec = importlib.util.spec_from_file_location("sparsejax_config_dense_for_moe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
+_DENSE = pathlib.Path(__file__).with_name("dense.py")
 
 _MOE = {
     # preset: (num_experts, granularity, top_k, num_shared_experts)
@@ -56,12 +48,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset not in _MOE:
     raise ValueError(f"configs/moe.py: unknown preset {preset!r}; choose one of "
                      f"{', '.join(_MOE)}")
-  c = _dense().get_config(preset)
+  c = load_config_dict(f"{_DENSE}:{preset}")
   e, g, k, s = _MOE[preset]
   c.ffn.type = "moe"
-  c.moe = dict(num_experts=e, granularity=g, top_k=k, num_shared_experts=s,
-               router="token_choice", score_fn="softmax", renormalize=True,
-               dispatch="capacity", capacity_factor=1.25, load_balance_loss=0.01,
-               router_z_loss=1e-3)
+  c.moe.update(num_experts=e, granularity=g, top_k=k, num_shared_experts=s)
   c.name = f"moe-{preset}"
   return with_defaults(c)

@@ -9,7 +9,7 @@ Presets (``--config configs/peer.py:<preset>``):
          setting: N = 1024² experts, h=8 heads, k=16, d_key 128, heads share the product keys.
          A PEER layer costs fewer FLOPs than the SwiGLU FFN it replaces (see
          PEER.active_params_per_token), so the depth is chosen to match configs/dense.py:125m
-         in training FLOPs per token at seq 2048 (sparsejax.scaling.flops, vocab 32768):
+         in training FLOPs per token at seq 2048 (python -m sparsejax.info, vocab 32768):
          17 layers -> 759 MFLOP/token vs dense-125m 774 (98%; 16 layers: 724, 18: 795);
          27.5B total parameters (1.6B per PEER layer), 99.8M active per token.
          python -m sparsejax.train --config configs/peer.py:125m --workdir runs/peer-125m
@@ -24,8 +24,7 @@ Any field can be overridden: --config.peer.top_k=8 --config.peer.score=relu ...
 
 import pathlib
 
-from sparsejax.config import with_defaults
-from sparsejax.configs_loader import load_config_dict
+from sparsejax.configure import load_config_dict, with_defaults
 
 _DENSE = pathlib.Path(__file__).with_name("dense.py")
 
@@ -33,19 +32,16 @@ _DENSE = pathlib.Path(__file__).with_name("dense.py")
 def get_config(preset: str = "tiny"):
   if preset == "tiny":
     c = load_config_dict(f"{_DENSE}:tiny")
-    c.peer = dict(num_experts=32 ** 2, num_heads=2, top_k=4, d_key=32, shared_keys=False,
-                  score="softmax", query_norm="rms", activation="gelu", impl="xla")
+    c.peer.update(num_experts=32 ** 2, num_heads=2, top_k=4, d_key=32)
   elif preset == "125m":
     c = load_config_dict(f"{_DENSE}:125m")
     c.model.num_layers = PAPER_LAYERS
-    c.peer = dict(num_experts=1024 ** 2, num_heads=8, top_k=16, d_key=128, shared_keys=True,
-                  score="softmax", query_norm="rms", activation="gelu", impl="xla")
+    c.peer.update(num_experts=1024 ** 2, num_heads=8, top_k=16, d_key=128, shared_keys=True)
   elif preset in _WIDE:
     heads, top_k = _WIDE[preset]
     c = load_config_dict(f"{_DENSE}:{preset}")
-    c.peer = dict(num_experts=1024 ** 2, num_heads=heads, top_k=top_k, d_key=128,
-                  shared_keys=True, score="softmax", query_norm="rms", activation="gelu",
-                  impl="xla")
+    c.peer.update(num_experts=1024 ** 2, num_heads=heads, top_k=top_k, d_key=128,
+                  shared_keys=True)
   else:
     raise ValueError(f"configs/peer.py: unknown preset {preset!r}; choose one of tiny, 125m, "
                      f"{', '.join(_WIDE)}")
@@ -56,5 +52,5 @@ def get_config(preset: str = "tiny"):
 
 PAPER_LAYERS = 17  # see the docstring: matches dense-125m training FLOPs per token within 2%
 # Wider shapes keep the dense depth and raise heads x top_k instead (searched over
-# h in {8, 16, 32}, k in {16, 32, 64} with sparsejax.scaling.flops at seq 2048, vocab 32768).
+# h in {8, 16, 32}, k in {16, 32, 64} with python -m sparsejax.info at seq 2048, vocab 32768).
 _WIDE = {"350m": (32, 16), "760m": (32, 64)}

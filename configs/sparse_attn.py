@@ -1,5 +1,5 @@
 r"""Block-sparse attention: dense transformers whose attention layers visit only the blocks of a
-mask spec (``config.attention.mask``, see kernels_pallas/block_sparse_attention/masks.py).
+mask spec (``config.attention.mask``, see kernels_pallas/block_sparse_attention/masks/).
 
 Presets (``--config configs/sparse_attn.py:<preset>``):
 
@@ -20,8 +20,7 @@ Any field can be overridden: --config.attention.mask='causal&window:512' ...
 
 import pathlib
 
-from sparsejax.config import with_defaults
-from sparsejax.configs_loader import load_config_dict
+from sparsejax.configure import load_config_dict, with_defaults
 
 _DENSE = pathlib.Path(__file__).with_name("dense.py")
 

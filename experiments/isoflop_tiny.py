@@ -4,11 +4,12 @@ budget and each model width, train for budget / (FLOPs per token x tokens per st
   python -m sparsejax.sweep experiments/isoflop_tiny.py --root runs/isoflop_tiny --dry_run \
       --calibrate
   python -m sparsejax.sweep experiments/isoflop_tiny.py --root runs/isoflop_tiny --parallel 2
-  python -m sparsejax.fit --root runs/isoflop_tiny --out experiments/results/isoflop_tiny
+  python -m sparsejax.scaling.analyze --root runs/isoflop_tiny \
+      --out experiments/results/isoflop_tiny
   python -m sparsejax.sweep experiments/isoflop_tiny.py --root runs/isoflop_tiny \
       --arg budgets=2 --arg sizes=3      # a smaller grid
 
-FLOPs are analytic (6N + attention, sparsejax.scaling.flops). Budgets are BASE_BUDGET x
+FLOPs are analytic (6N + attention, sparsejax.models.accounting). Budgets are BASE_BUDGET x
 BUDGET_FACTOR**i (1.5e10, 4.5e10, 1.35e11, 4.05e11); widths are 16, 32, 48, 64 (d_model; 4 heads,
 2 KV heads, so heads divide every width). Steps are at least warmup + 1 (the config requires
 warmup < steps). The default grid is 4 budgets x 4 widths x 4 families = 64 runs, 9.6e12 FLOPs in
@@ -22,7 +23,7 @@ approach 3 cannot separate E from the other terms (it fits E ~ 0, flagged in the
 isoFLOP parabolas (approach 2) have interior minima that move to larger N as the budget grows.
 """
 
-from sparsejax.configs_loader import load_config
+from sparsejax.configure import load_config
 from sparsejax.info import describe
 from sparsejax.sweep import Run
 

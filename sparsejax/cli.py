@@ -5,7 +5,7 @@
     sparsejax prepare  [--input PATH ...] [--out DIR] [--tokenizer ...] (= python -m sparsejax.data.prepare)
     sparsejax demo     [--workdir runs/default]                         (= python -m sparsejax.demo)
     sparsejax info     --config configs/dense.py:350m                   (= python -m sparsejax.info)
-    sparsejax fit      --root runs/isoflop_tiny [--out DIR]             (= python -m sparsejax.fit)
+    sparsejax fit      --root runs/isoflop_tiny [--out DIR]             (= python -m sparsejax.scaling.analyze)
 """
 
 from __future__ import annotations
@@ -13,13 +13,17 @@ from __future__ import annotations
 import importlib
 import sys
 
+from absl import app, flags
+
+from sparsejax.cli_common import flags_parser
+
 COMMANDS = {
     "train": "sparsejax.train.__main__",
     "eval": "sparsejax.eval.__main__",
     "prepare": "sparsejax.data.prepare",
     "demo": "sparsejax.demo",
     "info": "sparsejax.info",
-    "fit": "sparsejax.fit",
+    "fit": "sparsejax.scaling.analyze",
 }
 # Commands whose module parses its own arguments (argparse): main(argv) -> exit status.
 ARGPARSE = {"fit"}
@@ -35,12 +39,10 @@ def main(argv: list[str] | None = None) -> None:
   module = importlib.import_module(COMMANDS[command])  # defines only this command's flags
   if command in ARGPARSE:
     sys.exit(module.main(argv[2:]))
-  from absl import app, flags
   if hasattr(module, "define_flags"):
     module.define_flags()
   if REQUIRED.get(command):
     flags.mark_flags_as_required(REQUIRED[command])
-  from sparsejax.cli_common import flags_parser
   app.run(module.main, argv=[f"sparsejax {command}"] + argv[2:],
           flags_parser=flags_parser(f"sparsejax {command}"))
 

@@ -7,14 +7,15 @@ import contextlib
 import logging
 import sys
 
-from sparsejax.config import ConfigError
-from sparsejax.train.checkpoint import CheckpointError
+from absl import flags
+from absl import logging as absl_logging
+
+from sparsejax.errors import CheckpointError, ConfigError
 
 EXPECTED_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, ValueError, RuntimeError)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax chatter
   root = logging.getLogger("sparsejax")
   if not root.handlers:
@@ -44,7 +45,6 @@ def flags_parser(prog: str):
   (ml_collections raises AttributeError/KeyError for an unknown `--config.a.b`, which absl
   would otherwise print as a traceback.)"""
   def parse(argv):
-    from absl import flags
     try:
       return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

@@ -11,21 +11,21 @@ import time
 
 from absl import app, flags
 
+from sparsejax.cli_common import flags_parser, one_line_errors, setup_logging
+from sparsejax.configure import load_config
+from sparsejax.data import ensure_default_dataset
+from sparsejax.data.prepare import summary
+from sparsejax.eval.checkpoint import evaluate
+from sparsejax.train.loop import train_and_evaluate
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory")
 _CONFIG = flags.DEFINE_string("config", "configs/dense.py:small", "Config file:preset")
 
 
 def main(argv) -> None:
   del argv
-  from sparsejax.cli_common import one_line_errors, setup_logging
   setup_logging()
   with one_line_errors("sparsejax.demo"):
-    from sparsejax.configs_loader import load_config
-    from sparsejax.data import ensure_default_dataset
-    from sparsejax.data.prepare import summary
-    from sparsejax.eval import evaluate
-    from sparsejax.train.loop import train_and_evaluate
-
     t0 = time.perf_counter()
     cfg = load_config(_CONFIG.value)
     dataset = ensure_default_dataset(cfg.data.tokenizer)
@@ -47,5 +47,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from sparsejax.cli_common import flags_parser
   app.run(main, flags_parser=flags_parser("sparsejax.demo"))

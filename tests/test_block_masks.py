@@ -340,6 +340,23 @@ def test_parse_rejects_junk_in_one_line(junk):
   assert "\n" not in msg and "causal" in msg and "bigbird:" in msg, msg
 
 
+def test_parse_caches_each_spec_string_once():
+  m = M.parse_mask("causal&window:16")
+  assert m is M.parse_mask("causal&window:16")
+  assert m == M.Causal() & M.SlidingWindow(16)
+  assert M.parse_mask(m) is m  # a Mask passes through (uncached path)
+  # a bad spec is not cached: it raises the same ValueError, with the same message, every time
+  msgs = []
+  for _ in range(2):
+    with pytest.raises(ValueError, match=r"^bad mask spec 'causal&window:x' \('x' is not an "
+                       r"integer\); forms: full, causal, window:LEFT\[:RIGHT\], ") as e:
+      M.parse_mask("causal&window:x")
+    msgs.append(str(e.value))
+  assert msgs[0] == msgs[1]
+  with pytest.raises(ValueError, match=r"^bad mask spec '3' \(not a string\); forms: "):
+    M.parse_mask(3)
+
+
 # ---------------------------------------------------------------------------------------------
 # long sequences stay cheap (no T x T)
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from kernels_pallas.block_sparse_attention import tuning
 from kernels_pallas.block_sparse_attention.masks import parse_mask
-from sparsejax.configs_loader import load_config
+from sparsejax.configure import load_config
 from sparsejax.layers.block_sparse import BlockSparseAttention, dense_dispatch
 
 

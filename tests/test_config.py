@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from sparsejax.config import Config, ConfigError, from_config_dict, replace
-from sparsejax.configs_loader import load_config, load_config_dict
-from sparsejax.scaling import flops
+from sparsejax.config import Config, ConfigError
+from sparsejax.configure import validate, replace
+from sparsejax.configure import load_config, load_config_dict
+from sparsejax.models import accounting as flops
 from sparsejax.train.state import model_spec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_every_preset_parses(spec):
   cfg = load_config(spec)
   assert isinstance(cfg, Config)
   # A validated config survives a JSON round trip (checkpoints store config.json).
-  assert from_config_dict(json.loads(cfg.to_json())) == cfg
+  assert validate(json.loads(cfg.to_json())) == cfg
   if ":" in spec:
     assert cfg.name.endswith(spec.rsplit(":", 1)[1])
 
@@ -128,7 +129,7 @@ def test_size_presets_grow_monotonically():
 # ---------------------------------------------------------------------------------------------
 
 def _hand_count(cfg, vocab):
-  """Convention of sparsejax/scaling/flops.py, recomputed from the config's dims: matmul
+  """Convention of sparsejax/models/accounting.py, recomputed from the config's dims: matmul
   weights only (norm scales, including qk-norm's, are parameters but not matmul weights)."""
   d, L, H = cfg.model.d_model, cfg.model.num_layers, cfg.model.num_heads
   K = cfg.model.num_kv_heads or H
@@ -192,7 +193,7 @@ def test_unknown_key_in_a_config_dict():
   raw = load_config_dict("configs/dense.py:tiny")
   raw.model.d_modle = 3
   with pytest.raises(ConfigError, match=r"config\.model\.d_modle: unknown key.*d_model"):
-    from_config_dict(raw)
+    validate(raw)
 
 
 def test_unknown_top_level_key():
@@ -208,7 +209,7 @@ def test_section_given_a_scalar():
   raw = load_config_dict("configs/dense.py:tiny").to_dict()
   raw["model"] = 3
   with pytest.raises(ConfigError, match=r"^config\.model: expected a section"):
-    from_config_dict(raw)
+    validate(raw)
 
 
 @pytest.mark.parametrize("key, value, expect", [

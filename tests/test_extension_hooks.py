@@ -10,11 +10,13 @@ import pytest
 from flax import nnx
 
 from sparsejax.config import ConfigError
-from sparsejax.configs_loader import load_config
+from sparsejax.configure import load_config
 from sparsejax.layers import registry
+from sparsejax.layers.family import Family
 from sparsejax.layers.ffn import GatedFFN
-from sparsejax.parallel.sharding import make_mesh
+from sparsejax.parallel.mesh import make_mesh
 from sparsejax.train import loop as looplib
+from sparsejax.eval import core as evalcore
 from sparsejax.train import step as steplib
 from sparsejax.train.optim import make_optimizer, param_groups
 from sparsejax.train.state import init_state, model_spec
@@ -44,11 +46,8 @@ class ProbeFFN(GatedFFN):
 
 @pytest.fixture
 def probe():
-  registry.FFN["probe"] = ProbeFFN
-  try:
+  with registry.registered(Family("probe", "ffn", ProbeFFN)):
     yield
-  finally:
-    del registry.FFN["probe"]
 
 
 def probe_cfg(**over):
@@ -101,7 +100,7 @@ def test_call_context_shared_modules_and_buffer_updates(probe):
   assert "sown/blocks/1/ffn/usage_rows" not in m  # usage counts are eval-only
   assert "sown/blocks/1/ffn/update__buffer_count_E" not in m
   # Eval: deterministic (no rng) and usage counts come back for key-usage statistics.
-  ev = jax.jit(steplib.make_eval_step(spec.graphdef))(state["params"],
+  ev = jax.jit(evalcore.make_eval_step(spec.graphdef))(state["params"],
                                                       {**batch, "weights": jnp.ones((B, T))})
   np.testing.assert_array_equal(np.asarray(ev["usage"]["blocks/1/ffn/usage_rows"]),
                                 [2.0, 0.0, 1.0, 1.0])
@@ -120,11 +119,11 @@ def test_grad_accumulation_averages_buffer_updates(probe):
 
 
 def test_usage_summary_by_hand():
-  out = steplib.usage_summary(np.array([2.0, 0.0, 1.0, 1.0]))
+  out = evalcore.usage_summary(np.array([2.0, 0.0, 1.0, 1.0]))
   assert out["touched_fraction"] == 0.75
   p = np.array([0.5, 0.25, 0.25])
   assert out["kl_from_uniform"] == pytest.approx(float(np.sum(p * np.log(p * 4))), rel=1e-6)
-  assert steplib.usage_summary(np.ones(8))["kl_from_uniform"] == pytest.approx(0.0, abs=1e-7)
+  assert evalcore.usage_summary(np.ones(8))["kl_from_uniform"] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_vector_metrics_become_histograms_and_usage_reaches_eval(tmp_path, probe, default_dataset):

@@ -10,12 +10,14 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparsejax.configs_loader import load_config
+from sparsejax.configure import load_config
 from sparsejax.layers import kernel_impl
 from sparsejax.models.transformer import build_model
-from sparsejax.parallel.sharding import activation_sharding, make_mesh, rules_of
+from sparsejax.parallel.sharding import activation_sharding
+from sparsejax.parallel.mesh import make_mesh
+from sparsejax.layers import registry
 from sparsejax.train.state import model_spec, param_shardings
-from sparsejax.train.step import forward_sums
+from sparsejax.models.forward import forward_sums
 
 VOCAB = 257
 SMALL_PK = {"num_heads": 2, "top_k": 4, "d_key": 16}
@@ -64,7 +66,7 @@ def loss_and_grads(cfg, data, mesh=None):
   shardings = param_shardings(model_spec(cfg, VOCAB), mesh)
   params = jax.device_put(params, shardings)
   data = jax.device_put(data, NamedSharding(mesh, P(("data", "fsdp"))))
-  with activation_sharding(mesh, rules_of(cfg.mesh)):
+  with activation_sharding(mesh, registry.logical_rules(cfg.mesh)):
     return jax.jit(fn)(params, data)
 
 

@@ -2,13 +2,17 @@
 of a tiny model trained two steps under every preset (8 fake CPU devices, conftest.py).
 
 Golden files: tests/golden/sharding/<preset>.json, written by
-``python -m sparsejax.parallel.mesh_presets --write-golden`` (see that module's docstring).
+``python tests/sharding_golden.py --write-golden`` (see that script's docstring).
 """
 
 import collections
 import dataclasses
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,15 +20,19 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sparsejax.config import ConfigError, MeshConfig, from_config_dict
-from sparsejax.configs_loader import load_config
+import sharding_golden as sg
+from sparsejax.config import ConfigError, MeshConfig
+from sparsejax.configure import load_config, validate
+from sparsejax.layers import registry
 from sparsejax.models.transformer import build_model
-from sparsejax.parallel import mesh_presets as mp
+from sparsejax.parallel import mesh as mesh_lib
+from sparsejax.parallel import mesh as mp
 from sparsejax.parallel import sharding as shd
 from sparsejax.train import step as steplib
 from sparsejax.train.optim import make_optimizer
 from sparsejax.train.state import model_spec, state_shardings
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
 PRESETS = list(mp.PRESETS)
 
 
@@ -53,18 +61,18 @@ def test_preset_resolves_into_sizes(preset, dcn, data, fsdp, expert, tensor):
   m = cfg.mesh
   assert (m.preset, m.dcn, m.data, m.fsdp, m.expert, m.tensor) == (preset, dcn, data, fsdp,
                                                                    expert, tensor)
-  assert from_config_dict(cfg.to_dict()) == cfg  # resolving again (checkpoint config.json)
+  assert validate(cfg.to_dict()) == cfg  # resolving again (checkpoint config.json)
   assert mp.resolve(m) == m
 
 
 def test_chosen_sizes_come_from_config():
   cfg = load_config("configs/dense.py:tiny", **{"mesh.preset": "fsdp_tp", "mesh.tensor": 2})
   assert (cfg.mesh.fsdp, cfg.mesh.tensor) == (-1, 2)
-  assert dict(shd.make_mesh(cfg.mesh).shape) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+  assert dict(mesh_lib.make_mesh(cfg.mesh).shape) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
   cfg = load_config("configs/moe.py:tiny", **{"mesh.preset": "fsdp_ep", "mesh.expert": 8})
-  assert dict(shd.make_mesh(cfg.mesh).shape) == {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}
+  assert dict(mesh_lib.make_mesh(cfg.mesh).shape) == {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}
   cfg = load_config("configs/dense.py:tiny", **{"mesh.preset": "multislice", "mesh.dcn": 4})
-  assert dict(shd.make_mesh(cfg.mesh).shape) == {"dcn": 4, "data": 1, "fsdp": 2, "expert": 1,
+  assert dict(mesh_lib.make_mesh(cfg.mesh).shape) == {"dcn": 4, "data": 1, "fsdp": 2, "expert": 1,
                                                  "tensor": 1}
 
 
@@ -88,11 +96,11 @@ def test_family_checks_see_the_resolved_expert_size():
 
 
 def test_preset_rules_sit_between_defaults_and_config_rules():
-  base = shd.rules_of(MeshConfig())
-  ep = shd.rules_of(mp.resolve(MeshConfig(preset="fsdp_ep")))
+  base = registry.logical_rules(MeshConfig())
+  ep = registry.logical_rules(mp.resolve(MeshConfig(preset="fsdp_ep")))
   assert base["embed"] == "fsdp" and ep["embed"] == ("fsdp", "expert")
   assert {k: v for k, v in ep.items() if base.get(k) != v} == dict(mp.PRESETS["fsdp_ep"].rules)
-  user = shd.rules_of(MeshConfig(preset="fsdp_ep", rules=(("embed", "fsdp"),)))
+  user = registry.logical_rules(MeshConfig(preset="fsdp_ep", rules=(("embed", "fsdp"),)))
   assert user["embed"] == "fsdp"
   assert "dcn" in base["act_batch"]  # every preset's batch spans the dcn axis when there is one
 
@@ -103,21 +111,21 @@ def test_preset_rules_sit_between_defaults_and_config_rules():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_builds_its_golden_mesh(preset):
-  golden = json.loads(mp.golden_path(preset).read_text())
-  cfg = mp.golden_config("moe", preset)
-  mesh = shd.make_mesh(cfg.mesh)
+  golden = json.loads(sg.golden_path(preset).read_text())
+  cfg = sg.golden_config("moe", preset)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
   assert dict(mesh.shape) == golden["mesh"]
   assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
-  rules = shd.rules_of(cfg.mesh)
+  rules = registry.logical_rules(cfg.mesh)
   batch_axes = shd.batch_sharding(mesh, rules).spec[0]
   assert shd.batch_shards(mesh, rules) == {"fsdp_tp": 2}.get(preset, 8)
   if preset == "multislice":
-    assert mesh.axis_names == ("dcn",) + shd.MESH_AXES and batch_axes == ("dcn", "fsdp")
+    assert mesh.axis_names == ("dcn",) + mesh_lib.MESH_AXES and batch_axes == ("dcn", "fsdp")
     # simulated slices: one process, devices cut into 2 contiguous groups of 4
     assert [sorted(d.id for d in mesh.devices[i].flat) for i in range(2)] == [[0, 1, 2, 3],
                                                                            [4, 5, 6, 7]]
   else:
-    assert mesh.axis_names == shd.MESH_AXES
+    assert mesh.axis_names == mesh_lib.MESH_AXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +183,7 @@ def test_dcn_that_splits_a_process_is_an_error():
   with pytest.raises(ValueError, match=r"config\.mesh\.dcn: 2 groups of 3 devices would split"):
     mp.hybrid_device_array(shape, devices)
   with pytest.raises(ValueError, match=r"config\.mesh\.dcn: 3 slices do not divide the 8"):
-    shd.make_mesh(MeshConfig(dcn=3))
+    mesh_lib.make_mesh(MeshConfig(dcn=3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,21 +192,21 @@ def test_dcn_that_splits_a_process_is_an_error():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_sharding_matches_golden(preset):
-  msg = mp.check_golden(preset)
+  msg = sg.check_golden(preset)
   assert not msg, msg
 
 
 def test_golden_files_are_what_the_command_writes(tmp_path, capsys):
-  assert mp.main(["--write-golden", "--dir", str(tmp_path)]) == 0
+  assert sg.main(["--write-golden", "--dir", str(tmp_path)]) == 0
   for preset in PRESETS:
-    assert (tmp_path / f"{preset}.json").read_text() == mp.golden_path(preset).read_text()
-  assert mp.main(["--check", "--dir", str(tmp_path)]) == 0
+    assert (tmp_path / f"{preset}.json").read_text() == sg.golden_path(preset).read_text()
+  assert sg.main(["--check", "--dir", str(tmp_path)]) == 0
   assert capsys.readouterr().out.count(": matches") == len(PRESETS)
 
 
 def test_a_rule_that_replicates_a_large_tensor_fails_loudly():
-  current = mp.golden_dump("fsdp", rules=(("embed", None),))
-  msg = mp.check_golden("fsdp", current)
+  current = sg.golden_dump("fsdp", rules=(("embed", None),))
+  msg = sg.check_golden("fsdp", current)
   lines = msg.splitlines()
   assert "differs from fsdp.json" in lines[0] and "--write-golden" in lines[0]
   embed = 32768 * 768
@@ -211,10 +219,10 @@ def test_a_rule_that_replicates_a_large_tensor_fails_loudly():
                "[None, None, None]"
   flagged = [i for i, line in enumerate(lines) if "silently replicates" in line]
   assert flagged == list(range(1, len(flagged) + 1))
-  golden = json.loads(mp.golden_path("fsdp").read_text())["families"]
+  golden = json.loads(sg.golden_path("fsdp").read_text())["families"]
   expected = {f"{fam}:{name}" for fam, body in current["families"].items()
               for name, e in body["params"].items()
-              if math.prod(e["shape"]) >= mp.LARGE and not any(e["spec"])
+              if math.prod(e["shape"]) >= sg.LARGE and not any(e["spec"])
               and any(golden[fam]["params"][name]["spec"])}
   got = {lines[i].split("replicates ")[1].split(" (")[0] for i in flagged}
   assert got == expected and len(expected) >= 10
@@ -229,16 +237,16 @@ def test_compare_reports_added_removed_and_reshaped_params():
       "a": {"shape": [4096, 256], "spec": [None, None]},   # reshaped: listed, not flagged
       "c": {"shape": [4096, 512], "spec": ["fsdp", None]},
       "d": {"shape": [16], "spec": [None]}}}}}
-  diffs = mp.compare(golden, current)
+  diffs = sg.compare(golden, current)
   assert diffs == ["mesh: {'fsdp': 8} -> {'fsdp': 4}",
                    "f:a: [4096, 512] ['fsdp', None] -> [4096, 256] [None, None]",
                    "f:b: removed (was [None])", "f:d: new parameter [16] [None]"]
-  assert mp.compare(golden, golden) == []
+  assert sg.compare(golden, golden) == []
   replicated = json.loads(json.dumps(golden))
   replicated["families"]["f"]["params"]["c"]["spec"] = [None, None]
-  assert mp.compare(golden, replicated, large=4096 * 512) == [
+  assert sg.compare(golden, replicated, large=4096 * 512) == [
       "rule change silently replicates f:c (2097152 params): ['fsdp', None] -> [None, None]"]
-  assert mp.compare(golden, replicated, large=4096 * 512 + 1) == [
+  assert sg.compare(golden, replicated, large=4096 * 512 + 1) == [
       "f:c [4096, 512]: ['fsdp', None] -> [None, None]"]
 
 
@@ -248,11 +256,11 @@ def test_sharded_presets_leave_no_large_weight_replicated(preset):
   some axis. Product-key tables are the documented exception: PEER / memory value tables keep
   rows whole so lookups stay local (columns over tensor: split only under fsdp_tp), sub-keys
   are replicated (the fused top-k reads all of them per batch shard)."""
-  golden = json.loads(mp.golden_path(preset).read_text())
+  golden = json.loads(sg.golden_path(preset).read_text())
   tables = ("experts_in_NxD", "experts_out_NxD", "values_NxD")
   for family, body in golden["families"].items():
     for name, entry in body["params"].items():
-      if math.prod(entry["shape"]) < mp.LARGE:
+      if math.prod(entry["shape"]) < sg.LARGE:
         continue
       if name.endswith(tables):
         assert entry["spec"] == ([None, "tensor"] if preset == "fsdp_tp" else [None, None])
@@ -263,10 +271,12 @@ def test_sharded_presets_leave_no_large_weight_replicated(preset):
       assert "dcn" not in json.dumps(entry["spec"])  # never shard parameters over DCN
 
 
-def test_show_prints_any_config(capsys):
-  assert mp.main(["--show", "configs/dense.py:tiny", "--preset", "fsdp_tp", "--devices", "16",
-                  "--vocab_size", "257"]) == 0
-  lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+def test_info_prints_any_configs_sharding():
+  out = subprocess.run([sys.executable, "-m", "sparsejax.info", "--config",
+                        "configs/dense.py:tiny", "--sharding", "--preset", "fsdp_tp",
+                        "--devices", "16", "--vocab_size", "257"], cwd=REPO, capture_output=True,
+                       text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  lines = [json.loads(x) for x in out.splitlines()]
   assert lines[0] == {"mesh": {"data": 1, "fsdp": 4, "expert": 1, "tensor": 4}}
   embed = next(x for x in lines[1:] if x["param"] == "embed_VxD")
   assert embed == {"param": "embed_VxD", "shape": [384, 64], "spec": ["tensor", "fsdp"]}
@@ -293,7 +303,7 @@ def _batch():
 
 def _train(cfg, mesh, host_params):
   """STEPS steps as sparsejax.train.loop runs them: state and batch shardings, rules context."""
-  rules = shd.rules_of(cfg.mesh)
+  rules = registry.logical_rules(cfg.mesh)
   spec = model_spec(cfg, VOCAB)
   optimizer = make_optimizer(cfg)
   shardings = state_shardings(spec, mesh, optimizer)
@@ -321,7 +331,7 @@ def one_device_runs():
   for family in sorted(set(FAMILY.values()) | {FAMILY["dp"]}):
     cfg = load_config(family, **OVERRIDES)
     host = jax.device_get(nnx.to_pure_dict(nnx.split(build_model(cfg, VOCAB, seed=0))[1]))
-    losses, params, _ = _train(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]), host)
+    losses, params, _ = _train(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]), host)
     assert np.all(np.diff(losses) < 0)  # the steps really train
     out[family] = (host, losses, params)
   return out
@@ -332,7 +342,7 @@ def test_preset_trains_like_one_device(preset, one_device_runs):
   family = FAMILY[preset]
   cfg = load_config(family, **OVERRIDES, **{"mesh.preset": preset}, **EXTRA.get(preset, {}))
   host, losses_1, params_1 = one_device_runs[family]
-  mesh = shd.make_mesh(cfg.mesh)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
   losses, params, live = _train(cfg, mesh, host)
   np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params,

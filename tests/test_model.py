@@ -14,16 +14,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.config import ConfigError, replace
-from sparsejax.configs_loader import load_config
+from sparsejax.config import ConfigError
+from sparsejax.configure import replace
+from sparsejax.configure import load_config
 from sparsejax.layers import registry
+from sparsejax.layers.family import Family
 from sparsejax.layers.attention import DenseAttention
 from sparsejax.layers.common import RMSNorm, param, rope
 from sparsejax.layers.ffn import GatedFFN
 from sparsejax.models.transformer import build_model
 from sparsejax.train.optim import make_optimizer
 from sparsejax.train.state import model_spec
-from sparsejax.train.step import forward_sums, make_eval_step, make_train_step
+from sparsejax.eval.core import make_eval_step
+from sparsejax.models.forward import forward_sums
+from sparsejax.train.step import make_train_step
 
 VOCAB = 257                    # byte tokenizer + EOS; padded to 384 embedding rows
 PADDED = 384
@@ -321,11 +325,8 @@ class AuxFFN(nnx.Module):
 
 @contextlib.contextmanager
 def registered_ffn(name, ctor):
-  registry.register_ffn(name)(ctor)
-  try:
+  with registry.registered(Family(name, "ffn", ctor)):
     yield name
-  finally:
-    registry.FFN.pop(name, None)
 
 
 def test_pattern_layer_with_sown_aux_loss():

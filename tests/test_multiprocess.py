@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 
 from sparsejax.config import ConfigError
-from sparsejax.configs_loader import load_config
-from sparsejax.data import make_train_iterator
-from sparsejax.eval import evaluate
+from sparsejax.configure import load_config
+from sparsejax.data import make_train_iterator, position
+from sparsejax.eval.checkpoint import evaluate
 from sparsejax.parallel import distributed as dist
-from sparsejax.parallel.sharding import make_mesh
+from sparsejax.parallel.mesh import make_mesh
 from sparsejax.train import loop as looplib
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.state import abstract_state, model_spec
@@ -55,7 +55,7 @@ def free_port() -> int:
 # configs/dense.py's train section has no stop_at_step entry, so --config.train.stop_at_step
 # cannot be given on the command line; this config file adds it.
 CONFIG_FILE = """
-from sparsejax.configs_loader import load_config_dict
+from sparsejax.configure import load_config_dict
 def get_config(arg=None):
   c = load_config_dict("configs/dense.py:tiny")
   c.train.stop_at_step = 0
@@ -367,22 +367,22 @@ def test_iterator_seeks_to_a_step_on_any_process_count(default_dataset):
 
 
 def test_resume_batch_rules():
-  now = looplib._data_position(load_config("configs/dense.py:tiny"), "abc", 0)
+  now = position.data_position(load_config("configs/dense.py:tiny"), "abc", 0)
   saved = {**now, "next_batch": 6}
-  assert looplib.resume_batch(saved, now, 6, "w") == 6
-  assert looplib.resume_batch({"next_index": 5}, now, 5, "w") == 5  # pre-position checkpoints
+  assert position.resume_batch(saved, now, 6, "w") == 6
+  assert position.resume_batch({"next_index": 5}, now, 5, "w") == 5  # pre-position checkpoints
   bigger = {**now, "global_batch_size": 16}
   with pytest.raises(ConfigError) as e:
-    looplib.resume_batch(saved, bigger, 6, "w")
+    position.resume_batch(saved, bigger, 6, "w")
   msg = str(e.value)
   assert "config.data.global_batch_size: 16 now, 8 at step 6" in msg
   assert "--allow_data_change" in msg and "\n" not in msg
   # 6 batches of 8 = 48 sequences consumed: the new stream continues at batch 3 of 16
-  assert looplib.resume_batch(saved, bigger, 6, "w", allow_data_change=True) == 3
-  assert looplib.resume_batch(saved, {**now, "global_batch_size": 5}, 6, "w", True) == 10
+  assert position.resume_batch(saved, bigger, 6, "w", allow_data_change=True) == 3
+  assert position.resume_batch(saved, {**now, "global_batch_size": 5}, 6, "w", True) == 10
   for key, value in (("seq_len", 32), ("seed", 1), ("dataset", "other")):
     with pytest.raises(ConfigError, match="cannot continue on the batches"):
-      looplib.resume_batch(saved, {**now, key: value}, 6, "w")
+      position.resume_batch(saved, {**now, key: value}, 6, "w")
 
 
 def test_changed_batch_size_refuses_to_resume(tmp_path, default_dataset):

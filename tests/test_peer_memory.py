@@ -12,13 +12,16 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparsejax.config import ConfigError, replace
-from sparsejax.configs_loader import load_config
+from sparsejax.config import ConfigError
+from sparsejax.configure import replace
+from sparsejax.configure import load_config
 from sparsejax.layers import product_keys as pk
 from sparsejax.layers.memory import MemoryLayer, brute_force_reference
 from sparsejax.layers.peer import PEER, dense_reference
 from sparsejax.models.transformer import build_model
-from sparsejax.parallel.sharding import activation_sharding, make_mesh, rules_of
+from sparsejax.parallel.sharding import activation_sharding
+from sparsejax.parallel.mesh import make_mesh
+from sparsejax.layers import registry
 from sparsejax.train import loop as looplib
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.optim import make_optimizer, param_groups
@@ -308,7 +311,7 @@ def test_value_tables_shard_by_column_and_sharded_forward_matches():
   sharded_params = jax.device_put(params, shardings)
   local = sharded_params["blocks"][1]["ffn"]["values"]["values_NxD"]
   assert local.addressable_shards[0].data.shape == (1024, 64 // 8)  # all rows, D/8 columns
-  with activation_sharding(mesh, rules_of(cfg.mesh)):
+  with activation_sharding(mesh, registry.logical_rules(cfg.mesh)):
     out = jax.jit(forward, out_shardings=NamedSharding(mesh, P()))(sharded_params)
   np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=1e-5, atol=1e-5)
 

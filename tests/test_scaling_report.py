@@ -1,7 +1,7 @@
-"""``python -m sparsejax.fit``: a fake sweep root of synthetic records (two families drawn from
-known Chinchilla-form laws, 3 isoFLOP budgets x 4 sizes, plus three bad records) -> REPORT.md,
-fits.json and PNGs, recovered exponents, the problems listed; sparse-law recovery on synthetic
-data; exit codes."""
+"""``python -m sparsejax.scaling.analyze``: a fake sweep root of synthetic records (two families
+drawn from known Chinchilla-form laws, 3 isoFLOP budgets x 4 sizes, plus three bad records) ->
+REPORT.md, fits.json and PNGs, recovered exponents, the problems listed; sparse-law recovery on
+synthetic data; exit codes."""
 
 import json
 import subprocess
@@ -10,8 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from sparsejax import fit as fitcli
+from sparsejax.scaling import analyze as fitcli
+from sparsejax.scaling import family_fits
 from sparsejax.scaling import sparse_laws as sl
+
+PROG = "sparsejax.scaling.analyze"  # prefix of its stderr lines
 
 # Two families: dense with the Hoffmann et al. approach-3 parameters, and a sparse family with
 # 4x as many total as active parameters (S = 0.75) and its own law.
@@ -79,7 +82,7 @@ def sweep_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_run(sweep_root):
-  proc = subprocess.run([sys.executable, "-m", "sparsejax.fit", "--root", str(sweep_root),
+  proc = subprocess.run([sys.executable, "-m", PROG, "--root", str(sweep_root),
                          "--bootstrap", "30"], capture_output=True, text=True, timeout=300)
   return proc, sweep_root / "report"
 
@@ -177,8 +180,8 @@ def test_exit_code_no_usable_records(tmp_path, capsys):
   write_record(tmp_path, "only", '{"oops"')
   assert fitcli.main(["--root", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 2 and err[0].startswith("sparsejax.fit: left out only: unreadable JSON")
-  assert err[1].startswith("sparsejax.fit: error: no usable record") and "only:" in err[1]
+  assert len(err) == 2 and err[0].startswith(f"{PROG}: left out only: unreadable JSON")
+  assert err[1].startswith(f"{PROG}: error: no usable record") and "only:" in err[1]
   assert fitcli.main(["--root", str(tmp_path / "missing")]) == 2
   assert "is not a directory" in capsys.readouterr().err
   assert not (tmp_path / "report").exists()
@@ -194,8 +197,8 @@ def test_missing_loss_field_is_a_problem(sweep_root, capsys):
   assert fitcli.main(["--root", str(sweep_root), "--loss", "eval_loss_smoothed",
                       "--out", str(sweep_root / "unused")]) == 2
   err = capsys.readouterr().err.splitlines()
-  assert "sparsejax.fit: left out dense-n0-b0: no eval_loss_smoothed" in err
-  assert err[-1].startswith("sparsejax.fit: error: no usable record")
+  assert f"{PROG}: left out dense-n0-b0: no eval_loss_smoothed" in err
+  assert err[-1].startswith(f"{PROG}: error: no usable record")
 
 
 def test_too_few_runs_is_exit_1_with_reasons(tmp_path, capsys):
@@ -215,25 +218,27 @@ def test_too_few_runs_is_exit_1_with_reasons(tmp_path, capsys):
 def test_degenerate_fits_are_flagged():
   fam = {"approach3": {"E": 1e-170, "alpha": 30.9, "beta": 0.07},
          "approach2": {"a": -0.13, "n_used": 2}}
-  text = "\n".join(fitcli.fit_warnings(fam, min_loss=3.2))
+  text = "\n".join(family_fits.fit_warnings(fam, min_loss=3.2))
   for part in ("alpha = 30.9 is outside (0, 2]", "E = 1e-170 is ~0", "looks degenerate",
                "a = -0.13 is outside (0, 1)", "2 budgets"):
     assert part in text
   assert "beta" not in text
   fine = {"approach3": {"E": 1.7, "alpha": 0.34, "beta": 0.28}, "approach2": {"skipped": "x"}}
-  assert fitcli.fit_warnings(fine, min_loss=2.0) == []
+  assert family_fits.fit_warnings(fine, min_loss=2.0) == []
 
 
 def test_isoflop_budget_grouping():
   rows = [{"total_flops": f, "N": float(i)} for i, f in enumerate([1.0, 1.2, 1.29, 3.0, 3.5, 9.0])]
-  groups = fitcli.isoflop_budgets(rows, tol=0.3)
+  groups = family_fits.isoflop_budgets(rows, tol=0.3)
   assert [[r["total_flops"] for r in g] for g in groups] == [[1.0, 1.2, 1.29], [3.0, 3.5], [9.0]]
-  assert len(fitcli.isoflop_budgets(rows, tol=0.1)) == 5
+  assert len(family_fits.isoflop_budgets(rows, tol=0.1)) == 5
 
 
-def test_importing_fit_does_not_import_matplotlib():
-  code = ("import sys, sparsejax.fit, sparsejax.scaling.report, sparsejax.scaling.sparse_laws; "
-          "assert 'matplotlib' not in sys.modules")
+def test_importing_fit_does_not_import_matplotlib_or_jax():
+  code = ("import sys, sparsejax.scaling.analyze, sparsejax.scaling.report, "
+          "sparsejax.scaling.sparse_laws; "
+          "assert 'matplotlib' not in sys.modules; "
+          "assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')]")
   subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

@@ -16,11 +16,14 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sparsejax.config import MeshConfig, replace
-from sparsejax.configs_loader import load_config
-from sparsejax.eval import evaluate
+from sparsejax.layers import registry
+from sparsejax.config import MeshConfig
+from sparsejax.configure import replace
+from sparsejax.configure import load_config
+from sparsejax.eval.checkpoint import evaluate
 from sparsejax.models.transformer import build_model
 from sparsejax.parallel import sharding as shd
+from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.train import step as steplib
 from sparsejax.train.loop import train_and_evaluate
 from sparsejax.train.optim import make_optimizer
@@ -43,7 +46,7 @@ def cfg():
 
 
 def mesh_of(devices=None, **sizes):
-  return shd.make_mesh(MeshConfig(**sizes), devices)
+  return mesh_lib.make_mesh(MeshConfig(**sizes), devices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,8 +66,8 @@ def test_eight_fake_devices():
 ])
 def test_make_mesh_fills_minus_one(sizes, expected):
   mesh = mesh_of(**sizes)
-  assert mesh.axis_names == shd.MESH_AXES
-  assert tuple(mesh.shape[a] for a in shd.MESH_AXES) == expected
+  assert mesh.axis_names == mesh_lib.MESH_AXES
+  assert tuple(mesh.shape[a] for a in mesh_lib.MESH_AXES) == expected
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
 
 
@@ -92,7 +95,7 @@ def test_make_mesh_size_mismatch_is_one_line(sizes, devices):
 # logical_to_spec / batch sharding
 # ---------------------------------------------------------------------------------------------
 
-RULES = shd.rules_of(MeshConfig())
+RULES = registry.logical_rules(MeshConfig())
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +155,7 @@ def test_unknown_logical_name_is_a_clear_error(mesh222):
 
 
 def test_config_rules_override_defaults(mesh222):
-  rules = shd.rules_of(MeshConfig(rules=(("embed", None), ("mlp", ("fsdp", "tensor")))))
+  rules = registry.logical_rules(MeshConfig(rules=(("embed", None), ("mlp", ("fsdp", "tensor")))))
   assert rules["vocab"] == "tensor"  # untouched defaults kept
   assert shd.logical_to_spec(("embed", "mlp"), (64, 192), mesh222, rules) == P(
       None, ("fsdp", "tensor"))
@@ -236,7 +239,7 @@ def _batch():
 
 def run_steps(cfg, host_params, mesh, steps=STEPS):
   """As sparsejax.train.loop does: jit with state / batch shardings under the rules context."""
-  rules = shd.rules_of(cfg.mesh)
+  rules = registry.logical_rules(cfg.mesh)
   spec = model_spec(cfg, VOCAB)
   optimizer = make_optimizer(cfg)
   shardings = state_shardings(spec, mesh, optimizer)
@@ -273,7 +276,7 @@ def baseline(cfg, host_params):
 def test_sharded_steps_match_one_device(cfg, host_params, baseline, sizes):
   mesh = mesh_of(**sizes)
   out = run_steps(cfg, host_params, mesh)
-  expected_spec = shd.logical_to_spec(("vocab", "embed"), (384, 64), mesh, shd.rules_of(cfg.mesh))
+  expected_spec = shd.logical_to_spec(("vocab", "embed"), (384, 64), mesh, registry.logical_rules(cfg.mesh))
   assert out["embed_spec"] == expected_spec  # state stayed sharded through the steps
   assert np.all(np.diff(baseline["losses"]) < 0)  # the steps really train (lr > 0 after warmup)
   np.testing.assert_allclose(out["losses"], baseline["losses"], rtol=1e-5)

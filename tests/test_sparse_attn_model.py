@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.configs_loader import load_config
+from sparsejax.configure import load_config
+from sparsejax.layers import registry
 from sparsejax.layers.attention import DenseAttention
 from sparsejax.layers.block_sparse import BlockSparseAttention
-from sparsejax.scaling import flops
+from sparsejax.models import accounting as flops
+from sparsejax.models.forward import forward_sums
+from sparsejax.parallel import mesh as mesh_lib
+from sparsejax.parallel import sharding as shd
 from sparsejax.train import loop as looplib
-from sparsejax.train.state import model_spec
+from sparsejax.train.optim import make_optimizer
+from sparsejax.train.state import init_state, model_spec
 
 B, T = 2, 64
 
@@ -71,18 +76,14 @@ def test_tiny_preset_loss_falls(tmp_path, default_dataset):
 
 def test_pallas_path_under_a_data_parallel_mesh_matches_one_device():
   """The kernel is a custom call: under a mesh the layer runs it per batch shard (shard_map)."""
-  from sparsejax.parallel import sharding as shd
-  from sparsejax.train.step import forward_sums
-  from sparsejax.train.state import init_state
-  from sparsejax.train.optim import make_optimizer
   cfg = load_config("configs/sparse_attn.py:tiny", **{"attention.sparse_impl": "interpret"})
   spec = model_spec(cfg, 257)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (8, T + 1)), jnp.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   losses = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = shd.make_mesh(cfg.mesh, devices)
-    rules = shd.rules_of(cfg.mesh)
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    rules = registry.logical_rules(cfg.mesh)
     state, shardings = init_state(spec, mesh, make_optimizer(cfg))
     sharded = jax.device_put(batch, shd.batch_sharding(mesh, rules))
     with shd.activation_sharding(mesh, rules):

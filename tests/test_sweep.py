@@ -14,9 +14,10 @@ import types
 import jax
 import pytest
 
-from sparsejax import sweep, sweep_launch
+from sparsejax import sweep
+from sparsejax.sweep import parallel as sweep_parallel
 from sparsejax.scaling import measure
-from sparsejax.configs_loader import load_config
+from sparsejax.configure import load_config
 from sparsejax.train.loop import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -87,7 +88,7 @@ def test_run_skip_resume_and_changed_definition(tmp_path, sweep_file, default_da
     assert rec["status"] == "done" and rec["final_step"] == 3
     assert rec["tokens"] == 3 * 8 * 64 and rec["total_flops"] > 0
     assert rec["eval_loss"] > 0 and rec["eval_bits_per_byte"] > 0
-    assert rec["flops_convention"] == "6N+attention (sparsejax.scaling.flops)"
+    assert rec["flops_convention"] == "6N+attention (sparsejax.models.accounting)"
     assert rec["family"] == "dense-tiny" and rec["wall_s"] > 0
     assert rec["run_id"] == f"{rec['name']}@{rec['config_hash'][:12]}"
     assert rec["params_active_avg"] == rec["params_active_per_token"]
@@ -170,15 +171,15 @@ def test_smoothed_eval_loss_reads_last_k_evals(tmp_path):
 
 
 def test_worker_slots_split_cpus_and_gpus():
-  assert sweep_launch.worker_slots(1, cpus=[0, 1], gpus=["0"]) == [(None, {})]
-  assert sweep_launch.worker_slots(2, cpus=[0, 1], gpus=[]) == [([0], {}), ([1], {})]
-  assert sweep_launch.worker_slots(3, cpus=[0, 1], gpus=[]) == [([0], {}), ([1], {}), ([0], {})]
-  assert sweep_launch.worker_slots(2, cpus=[0, 1, 2, 3, 4], gpus=["4", "5", "6", "7"]) == [
+  assert sweep_parallel.worker_slots(1, cpus=[0, 1], gpus=["0"]) == [(None, {})]
+  assert sweep_parallel.worker_slots(2, cpus=[0, 1], gpus=[]) == [([0], {}), ([1], {})]
+  assert sweep_parallel.worker_slots(3, cpus=[0, 1], gpus=[]) == [([0], {}), ([1], {}), ([0], {})]
+  assert sweep_parallel.worker_slots(2, cpus=[0, 1, 2, 3, 4], gpus=["4", "5", "6", "7"]) == [
       ([0, 1], {"CUDA_VISIBLE_DEVICES": "4,5"}), ([2, 3], {"CUDA_VISIBLE_DEVICES": "6,7"})]
   with pytest.raises(sweep.SweepError, match="only 2 GPUs"):
-    sweep_launch.worker_slots(3, cpus=[0], gpus=["0", "1"])
+    sweep_parallel.worker_slots(3, cpus=[0], gpus=["0", "1"])
   with pytest.raises(sweep.SweepError, match="at least 1"):
-    sweep_launch.worker_slots(0)
+    sweep_parallel.worker_slots(0)
 
 
 def test_parallel_skip_resume_and_failure(tmp_path, monkeypatch, default_dataset):
@@ -203,7 +204,7 @@ def runs(steps=3, lr=3e-3):
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(CACHE / "jax-compile"))
   monkeypatch.chdir(pathlib.Path(__file__).resolve().parent.parent)
   log = []
-  statuses = sweep_launch.run_parallel(f, root, 2, log=log.append)
+  statuses = sweep_parallel.run_parallel(f, root, 2, log=log.append)
   assert statuses == [(first, "done"), ("second", "done"), ("bad", "failed")]
   failed = next(line for line in log if "bad: FAILED" in line)
   assert str(root / "bad" / "sweep.log") in failed and "not a prepared dataset" in failed

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from sparsejax.config import ConfigError
-from sparsejax.configs_loader import load_config
-from sparsejax.parallel.sharding import make_mesh
+from sparsejax.configure import load_config
+from sparsejax.eval.checkpoint import evaluate
+from sparsejax.models import forward
+from sparsejax.parallel.mesh import make_mesh
 from sparsejax.train import loop as looplib
 from sparsejax.train import step as steplib
 from sparsejax.train.checkpoint import Checkpointer
@@ -186,18 +188,17 @@ def test_nan_losses_abort_and_leave_workdir_loadable(tmp_path, monkeypatch, defa
   cfg = tiny(**{"train.max_nonfinite_in_a_row": 3})
   looplib.train_and_evaluate(tiny(**{"train.stop_at_step": 4}), tmp_path,
                              devices=jax.devices()[:1])
-  real = steplib.token_losses
-  monkeypatch.setattr(steplib, "token_losses",
+  real = forward.token_losses
+  monkeypatch.setattr(forward, "token_losses",
                       lambda logits, targets: jax.tree.map(lambda x: x * jnp.nan,
                                                            real(logits, targets)))
   with pytest.raises(looplib.TrainingDiverged, match="3 consecutive steps"):
     looplib.train_and_evaluate(cfg, tmp_path, devices=jax.devices()[:1])
-  monkeypatch.setattr(steplib, "token_losses", real)
+  monkeypatch.setattr(forward, "token_losses", real)
   ckpt = Checkpointer(tmp_path)
   assert ckpt.latest_step() == 4  # no checkpoint of a diverged state was written
   params, _ = final_params(tmp_path, cfg)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
-  from sparsejax.eval import evaluate
   result = evaluate(tmp_path, devices=jax.devices()[:1], max_batches=1)
   assert result["step"] == 4 and np.isfinite(result["loss"])
 

@@ -106,7 +106,7 @@ def block_sparse_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD
   if impl == "xla":
     return block_sparse_attention_xla(q, k, v, layout, seg_q, seg_kv, scale)
   if impl == "splash":
-    from kernels_pallas.block_sparse_attention import splash as _splash  # TPU-only kernel
+    from kernels_pallas.block_sparse_attention import splash as _splash  # defers the TPU-only splash kernel
     return _splash.splash_attention(q, k, v, layout, segment_ids_q=seg_q,
                                     segment_ids_kv=seg_kv, scale=scale)
   if impl == "pallas" and not triton_supports(d, layout.block_q, layout.block_kv):

@@ -1,5 +1,5 @@
 """Weighted row gathers (EmbeddingBag, product-key memory reads, PEER): dispatch, validation,
-padding and the ``jax.custom_vjp`` around the Pallas kernels of ``kernel.py``.
+padding and the ``jax.custom_vjp`` around the Pallas kernels of ``kernel.py`` / ``peer_kernel.py``.
 
   gather_sum(table_NxD, idx_TxS, w_TxS)        out[t] = Σ_j w[t, j] · table[idx[t, j]]   [T, D]
   gather_dot(table_NxD, idx_TxS, x_TxD)        s[t, j] = x[t] · table[idx[t, j]]          [T, S] f32
@@ -40,7 +40,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.gather_sum import kernel as _k
+from kernels_pallas.gather_sum import kernel as _k, peer_kernel as _pk
 from kernels_pallas.gather_sum import reference as _ref
 from kernels_pallas._util import cdiv as _cdiv, is_pow2 as _is_pow2, next_pow2 as _pow2_at_least
 
@@ -323,8 +323,8 @@ def _peer_vjp(plan: Plan, activation: str, x, u, v, idx, g):
   def forward(x, u, v, idx, g):
     tiles = plan.peer
     t, s = idx.shape
-    y, pre = _k.peer_fwd(x, u, v, _meta(idx, tiles), _meta(g, tiles), num_slots=s,
-                         activation=activation, out_dtype=x.dtype, tiles=tiles)
+    y, pre = _pk.peer_fwd(x, u, v, _meta(idx, tiles), _meta(g, tiles), num_slots=s,
+                          activation=activation, out_dtype=x.dtype, tiles=tiles)
     return y, pre[:s, :t].T
 
   @jax.custom_vjp

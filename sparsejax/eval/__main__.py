@@ -10,6 +10,8 @@ import json
 
 from absl import app, flags
 
+from sparsejax.cli_common import flags_parser, one_line_errors, setup_logging
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest committed)")
 _DATA = flags.DEFINE_string("data", None, "Text file, folder, .jsonl or prepared dataset "
@@ -21,13 +23,14 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per eval batch (def
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from sparsejax.cli_common import one_line_errors, setup_logging
   setup_logging()
   with one_line_errors("sparsejax.eval"):
-    from sparsejax.parallel.distributed import initialize_from_env
-    initialize_from_env()  # before anything touches a device
+    # defers jax: --help and bad flags answer without loading it, and jax.distributed is
+    # initialised before anything can touch a device
+    from sparsejax.parallel.distributed import initialize_from_env  # defers jax (see above)
+    initialize_from_env()
     import jax
-    from sparsejax.eval import evaluate
+    from sparsejax.eval.checkpoint import evaluate  # defers jax (see above)
     result = evaluate(_WORKDIR.value, step=_STEP.value, data=_DATA.value,
                       max_batches=_MAX_BATCHES.value, batch_size=_BATCH.value)
     if jax.process_index() == 0:
@@ -36,5 +39,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  from sparsejax.cli_common import flags_parser
   app.run(main, flags_parser=flags_parser("sparsejax.eval"))

@@ -1,4 +1,2 @@
-"""Layer families. Importing the package loads the registry first, which imports every family
-(so a family module may import another family's module without an import cycle)."""
-
-from sparsejax.layers import registry  # noqa: F401
+"""Layer families, one per file, each ending with its ``FAMILY`` record (family.py).
+``sparsejax.layers.registry`` imports every family and maps config strings to records."""

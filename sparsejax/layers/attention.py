@@ -7,9 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.layers.common import DTYPES, RMSNorm, param, rope
-from sparsejax.layers.registry import register_attention
+from sparsejax.layers.family import Family
 from sparsejax.parallel.sharding import constrain
-
 
 
 def _resolve_impl(impl: str, dtype) -> str:
@@ -21,7 +20,6 @@ def _resolve_impl(impl: str, dtype) -> str:
   return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
-@register_attention("dense")
 class DenseAttention(nnx.Module):
   """q heads H, kv heads K (K divides H), head dim Dh; causal softmax attention."""
 
@@ -63,3 +61,6 @@ class DenseAttention(nnx.Module):
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
     o_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
     return self.project_out(o_BxTxHxK)
+
+
+FAMILY = Family("dense", "attention", DenseAttention, shapes=("model", "attention"))

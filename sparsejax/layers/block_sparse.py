@@ -25,9 +25,10 @@ from kernels_pallas.block_sparse_attention.layout import compile_layout
 from kernels_pallas.block_sparse_attention import tuning
 from kernels_pallas.block_sparse_attention.masks import Mask, parse_mask
 from kernels_pallas.block_sparse_attention.ops import block_sparse_attention, resolve_impl
-from sparsejax.layers.attention import DenseAttention
-from sparsejax.layers.registry import register_attention
+from sparsejax.errors import ConfigError
 from sparsejax.layers import kernel_impl
+from sparsejax.layers.attention import DenseAttention
+from sparsejax.layers.family import Family, LayerCost
 from sparsejax.parallel.sharding import active_mesh_rules, logical_spec
 
 # Band limits at or beyond this magnitude stand for +-infinity (masks use 1 << 62).
@@ -64,18 +65,16 @@ def dense_dispatch(mask: Mask | str, density: float, platform: str,
   return kwargs
 
 
-@register_attention("block_sparse")
 class BlockSparseAttention(DenseAttention):
 
   def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
     super().__init__(cfg, layer_idx, rngs=rngs, shared=shared)
-    self.mask_spec = cfg.attention.mask
+    self.mask = parse_mask(cfg.attention.mask)  # parsed (and checked) once, at validation
     self.layer_idx = layer_idx
     self.block_q, self.block_kv = cfg.attention.block_q, cfg.attention.block_kv  # 0 = auto
     self.sparse_impl = cfg.attention.sparse_impl
     self.num_heads, self.head_dim = cfg.model.num_heads, cfg.head_dim
-    mask = parse_mask(self.mask_spec)
-    self.layout_heads = self.num_heads if mask.head_dependent else 1
+    self.layout_heads = self.num_heads if self.mask.head_dependent else 1
 
   def block_config(self, seq_len: int) -> tuning.BlockConfig:
     """Block sizes and Triton launch parameters for ``seq_len``. A block of 0 in the config is
@@ -90,7 +89,7 @@ class BlockSparseAttention(DenseAttention):
 
   def layout(self, seq_len: int):
     bc = self.block_config(seq_len)
-    return compile_layout(self.mask_spec, seq_len, seq_len, bc.block_q, bc.block_kv,
+    return compile_layout(self.mask, seq_len, seq_len, bc.block_q, bc.block_kv,
                           num_heads=self.layout_heads, layer=self.layer_idx)
 
   def attention_flops_per_token(self, seq_len: int) -> float:
@@ -115,3 +114,26 @@ class BlockSparseAttention(DenseAttention):
       spec = logical_spec(("act_batch", None, None, None), q.shape)
       attend = kernel_impl.per_shard(attend, in_specs=(spec, spec, spec), out_specs=spec)
     return self.project_out(attend(q, k, v))
+
+
+def check(cfg) -> None:
+  """The mask spec parses (one line naming config.attention.mask otherwise) and the block sizes
+  are sane; runs at validation, before any dataset or workdir is touched."""
+  a = cfg.attention
+  try:
+    parse_mask(a.mask)
+  except (ValueError, TypeError, KeyError) as e:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"config.attention.mask: {a.mask!r} is not a valid mask spec: {msg}") from e
+  for key in ("block_q", "block_kv"):
+    if getattr(a, key) < 0:
+      raise ConfigError(f"config.attention.{key}: must be >= 0 (0: tuned per device), "
+                        f"got {getattr(a, key)}")
+
+
+def cost(layer: BlockSparseAttention, seq_len: int) -> LayerCost:
+  return LayerCost(attention_flops=layer.attention_flops_per_token(seq_len))
+
+
+FAMILY = Family("block_sparse", "attention", BlockSparseAttention, check=check, cost=cost,
+                shapes=("model", "attention"))

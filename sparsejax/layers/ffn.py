@@ -7,13 +7,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.layers.common import DTYPES, param
-from sparsejax.layers.registry import register_ffn
+from sparsejax.layers.family import Family
 from sparsejax.parallel.sharding import constrain
 
 ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
-@register_ffn("dense")
 class GatedFFN(nnx.Module):
   """y = (act(x W_gate) * (x W_up)) W_down, hidden size F = cfg.d_ff."""
 
@@ -33,3 +32,6 @@ class GatedFFN(nnx.Module):
     up = jnp.einsum("btd,df->btf", x_BxTxD, self.w_up_DxF[...].astype(dt))
     h_BxTxF = constrain(self.act(gate) * up, ("act_batch", "act_length", "act_mlp"))
     return jnp.einsum("btf,fd->btd", h_BxTxF, self.w_down_FxD[...].astype(dt))
+
+
+FAMILY = Family("dense", "ffn", GatedFFN, shapes=("model", "ffn"))

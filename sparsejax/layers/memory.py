@@ -15,7 +15,7 @@ reads are summed (all heads share one value table):
 QK-norm (memory.qk_norm) as implemented here: each query half is RMS-normalised with a learned
 per-head scale, each sub-key row is RMS-normalised (no parameters), and the half-scores are
 divided by sqrt(d_key/2), i.e. s = (q̂1·k̂1 + q̂2·k̂2) / sqrt(d_key/2). Without it the raw
-projections are scored (PKM's BatchNorm on queries is not offered, see pk_schema.py).
+projections are scored (PKM's BatchNorm on queries is not offered, see product_keys.py).
 
 Value table: ``values_NxD`` (the ``values_`` prefix puts it in the optimizer's "memory_values"
 group: constant ``memory.value_lr``, own clip and weight decay). With ``memory.shared_values``
@@ -29,31 +29,50 @@ Kernels (``memory.impl``, resolved by sparsejax/layers/kernel_impl.py): "xla" is
 take + einsum; "pallas" runs the fused product-key top-k + softmax kernel and the weighted
 gather-sum kernel (deterministic sorted reverse-index table gradient) of kernels_pallas.
 
-Cost convention (scaling/flops.py units, per token): D·H·d_key (queries) + H·n·d_key (sub-key
+Cost convention (models/accounting.py units, per token): D·H·d_key (queries) + H·n·d_key (sub-key
 scores) + H·k·D (value rows) + 2·D² (Memory+) + D (gate).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from kernels_pallas.gather_sum.ops import gather_sum
+from sparsejax.config import field
 from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
 from sparsejax.layers.common import DTYPES, param
-from sparsejax.layers.registry import register_check, register_ffn
-from sparsejax.parallel.sharding import constrain, register_rules
+from sparsejax.layers.family import Family, LayerCost, ParamGroup
+from sparsejax.parallel.sharding import constrain
 
-register_rules(mem_slots=None, mem_dim="tensor", act_mem_dim="tensor")
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+  """``config.memory``."""
+  num_slots: int = field(1024 ** 2, shapes=True)  # N = n^2 value rows
+  num_heads: int = field(4, shapes=True)  # own query projection + own sub-keys, shared values
+  top_k: int = 32                # slots per head (k <= n)
+  d_key: int = field(512, shapes=True)
+  memory_plus: bool = field(True, shapes=True)  # W_o(silu(x W_1) * mem(x)) (Memory Layers at Scale)
+  gate: bool = field(False, shapes=True)  # per-token scalar gate sigmoid(x·w_g) on the output
+  qk_norm: bool = field(True, shapes=True)  # RMS-normalise query halves and sub-key rows
+  shared_values: bool = field(True, shapes=True)  # one value table for all memory layers
+  value_lr: float = 1e-3         # values' own optimizer group (constant lr)
+  value_grad_clip: float = 1.0
+  value_weight_decay: float = 0.0
+  # kernels: "xla" (jnp) | "pallas" (fused Pallas kernels on GPU, interpret mode on CPU, XLA on
+  # TPU: sparsejax/layers/kernel_impl.py) | "interpret" (force interpret mode)
+  impl: str = field("xla", "xla", "pallas", "interpret")
 
 SHARED_KEY = "memory_values"
 
 
-@register_check
-def _check_memory(cfg) -> None:
-  if not any(ffn == "memory" for _, ffn in cfg.layer_types()):
-    return
+def check(cfg) -> None:
   m = cfg.memory
   pk.check_product_key_section("config.memory", num_keys=m.num_slots, top_k=m.top_k,
                                d_key=m.d_key, num_heads=m.num_heads)
@@ -68,7 +87,6 @@ class MemoryValues(nnx.Module):
                             std=d ** -0.5, dtype=pdt)
 
 
-@register_ffn("memory")
 class MemoryLayer(nnx.Module):
 
   def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
@@ -145,9 +163,6 @@ class MemoryLayer(nnx.Module):
   def _read_kernel(self, table_NxD, w_BxTxHxK, idx_BxTxHxK):
     """The weighted gather-sum kernel over the table as stored (no full-table cast), per batch
     shard and per column shard of the values (their columns follow the "mem_dim" rule)."""
-    from jax.sharding import PartitionSpec as P
-    from kernels_pallas.gather_sum.ops import gather_sum
-
     b, t, h, k = idx_BxTxHxK.shape
     rows, cols = kernel_impl.batch_axis(b), kernel_impl.mesh_axis("mem_dim", table_NxD.shape[1])
 
@@ -180,7 +195,7 @@ class MemoryLayer(nnx.Module):
     y = self.output(x_BxTxD, mem)
     return constrain(y, ("act_batch", "act_length", "act_embed"))
 
-  # ---- accounting (scaling/flops.py) ----
+  # ---- accounting (sparsejax/models/accounting.py) ----
   def active_params_per_token(self) -> int:
     h, d = self.num_heads, self.d_model
     n = d * h * self.d_key + h * self.n * self.d_key + h * self.top_k * d
@@ -193,6 +208,24 @@ class MemoryLayer(nnx.Module):
   def bytes_read_per_token(self) -> int:
     """Selected value rows read per token: H·k·D·bytes(param dtype)."""
     return self.num_heads * self.top_k * self.d_model * self.param_bytes
+
+
+def cost(layer: MemoryLayer, seq_len: int) -> LayerCost:
+  return LayerCost(active_params=layer.active_params_per_token(),
+                   table_bytes=layer.bytes_read_per_token())
+
+
+def _value_hyper(cfg) -> dict:
+  m = cfg.memory
+  return {"lr": m.value_lr, "grad_clip": m.value_grad_clip, "weight_decay": m.value_weight_decay}
+
+
+FAMILY = Family(
+    "memory", "ffn", MemoryLayer, section=("memory", MemoryConfig), check=check,
+    rules=(*pk.RULES, ("mem_slots", None), ("mem_dim", "tensor"), ("act_mem_dim", "tensor")),
+    # value tables (leaves named values_*): constant lr, own clip and weight decay
+    param_groups=(ParamGroup("memory_values", "values_", _value_hyper),),
+    cost=cost, shapes=("model", "memory"))
 
 
 def brute_force_reference(layer: MemoryLayer, x_BxTxD: jax.Array) -> jax.Array:

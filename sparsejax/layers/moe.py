@@ -52,7 +52,7 @@ scope), router z-loss, Shazeer importance / load CV^2. Sown metrics per layer: e
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import warnings
 
 import jax
@@ -60,123 +60,51 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from sparsejax.config import ConfigError, field
 from sparsejax.layers import kernel_impl, routers
 from sparsejax.layers.common import DTYPES, param
 from sparsejax.layers.ffn import ACTIVATIONS
-from sparsejax.layers.registry import register_check, register_ffn
-from sparsejax.parallel import sharding
-from sparsejax.parallel.sharding import constrain, register_rules
+from sparsejax.layers.family import Family, LayerCost
+from sparsejax.layers.moe_dispatch import (capacity, capacity_local, dropless, dropless_sharded,
+                                           ep_mesh, expert_choice_local)
+from sparsejax.parallel.sharding import constrain
 
-register_rules(experts="expert", expert_mlp="tensor")
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """``config.moe``."""
+  num_experts: int = field(8, shapes=True)
+  top_k: int = 2                 # experts per token (token choice); hash: = num_hashes
+  granularity: int = field(1, shapes=True)  # fine-grained: d_expert = d_ff // granularity
+  d_expert: int = field(0, shapes=True)     # 0: derived from granularity
+  num_shared_experts: int = field(0, shapes=True)  # always-on experts of size d_expert
+  router: str = field("token_choice", "token_choice", "noisy_token_choice", "expert_choice",
+                      "hash", shapes=True)
+  score_fn: str = field("softmax", "softmax", "sigmoid")
+  renormalize: bool = True       # renormalise the top-k gates to sum to 1
+  hash_type: str = field("random", "random", "balanced")
+  num_hashes: int = 1            # multi-hash: experts chosen by num_hashes hash functions
+  hash_seed: int = 0             # random hash table seed (+ layer index)
+  hash_vocab_size: int = 0       # table rows (ids taken modulo); 0: model.vocab_size or 65536
+  hash_frequencies: str = ""     # balanced: .npy of per-token-id counts; "" = uniform
+  dispatch: str = field("capacity", "capacity", "dropless")
+  capacity_factor: float = 1.25  # capacity per expert and sequence: ceil(cf * seq * k / E)
+  load_balance_loss: float = 0.01
+  load_balance_scope: str = field("micro_batch", "micro_batch", "global_batch")
+  router_z_loss: float = 1e-3
+  importance_loss: float = 0.0   # Shazeer 2017 CV^2 of the summed gates
+  load_loss: float = 0.0         # Shazeer 2017 smooth load CV^2 (needs noisy_token_choice)
+  bias_balancing: bool = field(False, shapes=True)  # DeepSeek-V3 aux-loss-free selection bias
+  bias_update_rate: float = 1e-3
+  # dropless grouped matmuls: "xla" (jax.lax.ragged_dot) | "pallas" (kernels_pallas grouped
+  # matmul on GPU, interpret mode on CPU, ragged_dot on TPU) | "interpret"
+  impl: str = field("xla", "xla", "pallas", "interpret")
 
 
 def d_expert(cfg) -> int:
   return cfg.moe.d_expert or cfg.d_ff // cfg.moe.granularity
 
 
-def capacity(cfg, seq_len: int) -> int:
-  """Slots per expert and sequence: min(T, ceil(cf * T * k / E)) (an expert sees a token once)."""
-  m = cfg.moe
-  return max(1, min(seq_len, math.ceil(m.capacity_factor * seq_len * m.top_k / m.num_experts)))
-
-
-def _swiglu_buffers(buf_GxExCxD, wg, wu, wd, act, dt):
-  g = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg.astype(dt))
-  u = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu.astype(dt))
-  return jnp.einsum("gecf,efd->gecd", act(g) * u, wd.astype(dt))
-
-
-def _experts(buf_GxExCxD, wg, wu, wd, act, dt, axis_name):
-  """Run expert e on buffer rows [:, e]. Under expert parallelism (axis_name set, weights are the
-  local E/ep experts) buffers go to the devices owning their experts and back."""
-  if axis_name is None:
-    return _swiglu_buffers(buf_GxExCxD, wg, wu, wd, act, dt)
-  recv = jax.lax.all_to_all(buf_GxExCxD, axis_name, split_axis=1, concat_axis=0, tiled=True)
-  out = _swiglu_buffers(recv, wg, wu, wd, act, dt)  # [ep * G_local, E_local, C, D]
-  return jax.lax.all_to_all(out, axis_name, split_axis=0, concat_axis=1, tiled=True)
-
-
-def _capacity_local(x_GxTxD, expert_GxTxK, slot_GxTxK, gate_GxTxK, wg, wu, wd, *, num_experts,
-                    cap, act, dt, axis_name=None):
-  g, t, d = x_GxTxD.shape
-  k = expert_GxTxK.shape[-1]
-  keep = slot_GxTxK < cap
-  dest_GxTK = jnp.where(keep, expert_GxTxK * cap + slot_GxTxK, num_experts * cap).reshape(g, t * k)
-  x_GxTKxD = jnp.broadcast_to(x_GxTxD[:, :, None], (g, t, k, d)).reshape(g, t * k, d)
-  scatter = jax.vmap(lambda dest, xs: jnp.zeros((num_experts * cap + 1, d), dt).at[dest].add(xs))
-  buf = scatter(dest_GxTK, x_GxTKxD.astype(dt))[:, :-1].reshape(g, num_experts, cap, d)
-  out = _experts(buf, wg, wu, wd, act, dt, axis_name).reshape(g, num_experts * cap, d)
-  out = jnp.concatenate([out, jnp.zeros((g, 1, d), out.dtype)], axis=1)  # dropped -> zeros
-  y_GxTKxD = jax.vmap(lambda o, dest: o[dest])(out, dest_GxTK)
-  gate = jnp.where(keep, gate_GxTxK, 0.0).astype(dt)
-  return jnp.einsum("gtkd,gtk->gtd", y_GxTKxD.reshape(g, t, k, d), gate)
-
-
-def _expert_choice_local(x_GxTxD, tok_GxExC, gate_GxExC, wg, wu, wd, *, act, dt, axis_name=None):
-  buf = jax.vmap(lambda x, tok: x[tok])(x_GxTxD.astype(dt), tok_GxExC)  # [G, E, C, D]
-  out = _experts(buf, wg, wu, wd, act, dt, axis_name) * gate_GxExC[..., None].astype(dt)
-  g, t, d = x_GxTxD.shape
-  combine = jax.vmap(lambda tok, o: jnp.zeros((t, d), dt).at[tok.reshape(-1)].add(
-      o.reshape(-1, d)))
-  return combine(tok_GxExC, out)
-
-
-def dropless(x_NxD, expert_NxK, gate_NxK, wg, wu, wd, *, num_experts, act, dt, impl="xla",
-             tensor_axis=None):
-  """Sort assignments by expert, grouped matmuls, unsort, combine with the gates.
-
-  impl "xla": ``jax.lax.ragged_dot``; "pallas" / "interpret": kernels_pallas grouped_matmul.
-  ``tensor_axis``: inside shard_map with the expert hidden dimension F split over that mesh axis
-  (wg / wu column shards, wd row shards), the partial outputs are summed over it.
-  """
-  n, k = expert_NxK.shape
-  flat_e = expert_NxK.reshape(-1)
-  order = jnp.argsort(flat_e, stable=True)
-  xs = x_NxD.astype(dt)[order // k]
-  sizes_E = jnp.zeros((num_experts,), jnp.int32).at[flat_e].add(1)
-  if impl == "xla":
-    mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dt), sizes_E)
-  else:
-    from kernels_pallas.grouped_matmul.ops import grouped_matmul
-    mm = lambda a, w: grouped_matmul(a, w.astype(dt), sizes_E, impl=impl)
-  h = act(mm(xs, wg)) * mm(xs, wu)
-  ys = mm(h, wd)
-  if tensor_axis is not None:
-    ys = jax.lax.psum(ys, tensor_axis)
-  y_NKxD = jnp.zeros_like(ys).at[order].set(ys)
-  return jnp.einsum("nkd,nk->nd", y_NKxD.reshape(n, k, -1), gate_NxK.astype(dt))
-
-
-def _dropless_sharded(x_NxD, expert_NxK, gate_NxK, wg, wu, wd, **kw):
-  """``dropless`` with a kernel impl: per batch shard (tokens are sorted within a shard), the
-  expert hidden dimension split over the mesh axis of "expert_mlp" (Megatron-style)."""
-  rows = kernel_impl.batch_axis(x_NxD.shape[0])
-  f_axis = kernel_impl.mesh_axis("expert_mlp", wg.shape[-1])
-  tok = P(rows, None)
-  fn = kernel_impl.per_shard(
-      lambda *a: dropless(*a, tensor_axis=f_axis, **kw),
-      in_specs=(tok, tok, tok, P(None, None, f_axis), P(None, None, f_axis),
-                P(None, f_axis, None)),
-      out_specs=tok)
-  return fn(x_NxD, expert_NxK, gate_NxK, wg, wu, wd)
-
-
-def _ep_mesh(num_experts: int, batch: int):
-  """(mesh, batch PartitionSpec entry) when expert parallelism applies to this call, else None."""
-  active = sharding.active_mesh_rules()
-  if active is None:
-    return None
-  mesh, rules = active
-  ep = mesh.shape.get("expert", 1)
-  if ep <= 1 or num_experts % ep:
-    return None
-  batch_axes = sharding.batch_sharding(mesh, rules).spec[0]
-  if batch % sharding.batch_shards(mesh, rules):
-    return None
-  return mesh, batch_axes
-
-
-@register_ffn("moe")
 class MoE(nnx.Module):
   """Routed SwiGLU experts + shared experts; see the module docstring."""
 
@@ -191,7 +119,6 @@ class MoE(nnx.Module):
     self.capacity_factor = m.capacity_factor
     self.coef = (("load_balance_loss", m.load_balance_loss), ("router_z_loss", m.router_z_loss),
                  ("importance_loss", m.importance_loss), ("load_loss", m.load_loss))  # static
-    self.seq_len = cfg.data.seq_len
     self.bias_rate = m.bias_update_rate
     self.router_DxE = (None if m.router == "hash" else
                        param(rngs, (d, e), ("embed", None), std=std, dtype=jnp.float32))
@@ -229,22 +156,21 @@ class MoE(nnx.Module):
     self.dtype = DTYPES[cfg.model.compute_dtype]
     self.impl = kernel_impl.resolve(m.impl, "config.moe.impl")
 
-  # ---- FLOP accounting (sparsejax/scaling/flops.py) ----
-  def experts_per_token(self) -> float:
+  # ---- accounting (sparsejax/models/accounting.py) ----
+  def experts_per_token(self, seq_len: int) -> float:
     if self.router == "expert_choice":  # E * C slots shared by T tokens
-      c = max(1, min(self.seq_len, math.ceil(
-          self.capacity_factor * self.seq_len * self.top_k / self.num_experts)))
-      return self.num_experts * c / self.seq_len
+      c = capacity(self.capacity_factor, seq_len, self.top_k, self.num_experts)
+      return self.num_experts * c / seq_len
     return float(self.top_k)
 
-  def active_params_per_token(self) -> int:
+  def active_params_per_token(self, seq_len: int) -> int:
     """Matmul weights touched per token: router (+ noise projection) + routed experts + shared.
     Capacity padding (empty slots still multiplied) is not counted."""
     d, f = self.d_model, self.d_expert
     router = 0 if self.router_DxE is None else d * self.num_experts
     router += 0 if self.noise_DxE is None else d * self.num_experts
     shared = 0 if self.shared_gate_DxS is None else 3 * self.shared_gate_DxS.shape[1] * d
-    return int(router + self.experts_per_token() * 3 * d * f + shared)
+    return int(router + self.experts_per_token(seq_len) * 3 * d * f + shared)
 
   # ---- routing ----
   def route(self, x32_NxD, tokens_N=None, rng=None):
@@ -272,7 +198,7 @@ class MoE(nnx.Module):
   def _run(self, local_fn, x_BxTxD, *routes):
     """local_fn(x, *routes, wg, wu, wd, axis_name=...) directly, or under shard_map (EP)."""
     ws = (self.w_gate_ExDxF[...], self.w_up_ExDxF[...], self.w_down_ExFxD[...])
-    ep = _ep_mesh(self.num_experts, x_BxTxD.shape[0])
+    ep = ep_mesh(self.num_experts, x_BxTxD.shape[0])
     if ep is None:
       return local_fn(x_BxTxD, *routes, *ws, axis_name=None)
     mesh, batch_axes = ep
@@ -290,10 +216,10 @@ class MoE(nnx.Module):
     x32_NxD = x_BxTxD.reshape(b * t, d).astype(jnp.float32)
     metrics, losses = {}, {}
     if self.router == "expert_choice":
-      cap = max(1, min(t, math.ceil(self.capacity_factor * t * self.top_k / e)))
+      cap = capacity(self.capacity_factor, t, self.top_k, e)
       logits_BxTxE = (x32_NxD @ self.router_DxE[...].astype(jnp.float32)).reshape(b, t, e)
       tok, gate, s_BxTxE = routers.expert_choice(logits_BxTxE, cap, self.score_fn)
-      y = self._run(lambda *a, axis_name: _expert_choice_local(
+      y = self._run(lambda *a, axis_name: expert_choice_local(
           *a, act=self.act, dt=dt, axis_name=axis_name), x_BxTxD, tok, gate)
       picked_BxT = jax.vmap(lambda tk: jnp.zeros((t,), jnp.int32).at[tk.reshape(-1)].add(1))(tok)
       metrics["dropped_fraction"] = jnp.mean((picked_BxT == 0).astype(jnp.float32))
@@ -306,20 +232,20 @@ class MoE(nnx.Module):
       r, losses = self.route(x32_NxD, tokens_N, rng)
       k = r.expert_NxK.shape[-1]
       if self.dispatch == "dropless":
-        run = dropless if self.impl == "xla" else _dropless_sharded
+        run = dropless if self.impl == "xla" else dropless_sharded
         y = run(x_BxTxD.reshape(b * t, d), r.expert_NxK, r.gate_NxK, self.w_gate_ExDxF[...],
                 self.w_up_ExDxF[...], self.w_down_ExFxD[...], num_experts=e, act=self.act,
                 dt=dt, impl=self.impl).reshape(b, t, d)
         metrics["dropped_fraction"] = jnp.zeros((), jnp.float32)
       else:
-        cap = max(1, min(t, math.ceil(self.capacity_factor * t * k / e)))
+        cap = capacity(self.capacity_factor, t, k, e)
         expert_BxTxK = r.expert_NxK.reshape(b, t, k)
         # slot of each assignment within its expert, in token order (causal, see docstring)
         onehot = jax.nn.one_hot(expert_BxTxK.reshape(b, t * k), e, dtype=jnp.int32)
         pos = jnp.cumsum(onehot, axis=1) - 1
         slot_BxTxK = jnp.take_along_axis(pos, expert_BxTxK.reshape(b, t * k, 1), axis=-1
                                          ).reshape(b, t, k)
-        y = self._run(lambda *a, axis_name: _capacity_local(
+        y = self._run(lambda *a, axis_name: capacity_local(
             *a, num_experts=e, cap=cap, act=self.act, dt=dt, axis_name=axis_name),
             x_BxTxD, expert_BxTxK, slot_BxTxK, r.gate_NxK.reshape(b, t, k))
         metrics["dropped_fraction"] = jnp.mean((slot_BxTxK >= cap).astype(jnp.float32))
@@ -353,13 +279,10 @@ class MoE(nnx.Module):
     return y.astype(x_BxTxD.dtype)
 
 
-# ---- config checks (run by sparsejax.config.from_config_dict) ----
+# ---- config checks (run by sparsejax.configure.validate when a layer is "moe") ----
 
-@register_check
-def _check_moe(cfg) -> None:
-  from sparsejax.config import ConfigError  # late import: config imports the registry lazily
-  if not any(ffn == "moe" for _, ffn in cfg.layer_types()):
-    return
+
+def check(cfg) -> None:
   m = cfg.moe
   if m.num_experts < 1:
     raise ConfigError(f"config.moe.num_experts: must be >= 1, got {m.num_experts}")
@@ -404,3 +327,12 @@ def _check_moe(cfg) -> None:
     if m.dispatch != "capacity" and m.router != "expert_choice":
       raise ConfigError("config.moe.dispatch: expert parallelism (mesh.expert > 1) needs "
                         "dispatch='capacity'")
+
+
+def cost(layer: MoE, seq_len: int) -> LayerCost:
+  return LayerCost(active_params=layer.active_params_per_token(seq_len))
+
+
+FAMILY = Family("moe", "ffn", MoE, section=("moe", MoEConfig), check=check,
+                rules=(("experts", "expert"), ("expert_mlp", "tensor")), cost=cost,
+                shapes=("model", "ffn", "moe"))

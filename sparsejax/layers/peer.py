@@ -18,39 +18,54 @@ Kernels (``peer.impl``, resolved by sparsejax/layers/kernel_impl.py): "xla" is j
 take + einsum (materialises the [B, T, h, k, D] selected rows); "pallas" runs the fused
 product-key top-k (+ softmax) kernel and the fused PEER expert kernel of kernels_pallas.
 
-Cost convention (scaling/flops.py units, "equivalent matmul parameters" per token):
+Cost convention (models/accounting.py units, "equivalent matmul parameters" per token):
   D·h·d_key (query projections) + h·n·d_key (two halves of n sub-keys of d_key/2, per head)
   + h·k·2·D (selected u and v rows). Top-k / softmax / the k² candidate sums are not counted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from kernels_pallas.gather_sum.ops import gather_dot, gather_sum, peer_ffn
+from sparsejax.config import field
 from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
 from sparsejax.layers.common import DTYPES, param
-from sparsejax.layers.registry import register_check, register_ffn
-from sparsejax.parallel.sharding import constrain, register_rules
+from sparsejax.layers.family import Family, LayerCost
+from sparsejax.parallel.sharding import constrain
 
-register_rules(peer_experts=None, peer_dim="tensor")
+
+@dataclasses.dataclass(frozen=True)
+class PEERConfig:
+  """``config.peer``."""
+  num_experts: int = field(1024 ** 2, shapes=True)  # N = n^2 single-neuron experts
+  num_heads: int = field(8, shapes=True)  # h retrieval heads, each with its own query projection
+  top_k: int = 16                # experts per head (k <= n)
+  d_key: int = field(128, shapes=True)  # query / product-key dimension (split in two halves)
+  shared_keys: bool = field(False, shapes=True)  # all heads score the same sub-keys
+  score: str = field("softmax", "softmax", "relu")  # gates over a head's k scores
+  query_norm: str = field("rms", "rms", "layer", "none", shapes=True)  # per token, learned scale
+  activation: str = field("gelu", "gelu", "relu", "silu")
+  # kernels: "xla" (jnp) | "pallas" (fused Pallas kernels on GPU, interpret mode on CPU, XLA on
+  # TPU: sparsejax/layers/kernel_impl.py) | "interpret" (force interpret mode)
+  impl: str = field("xla", "xla", "pallas", "interpret")
 
 PEER_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu,
                     "silu": jax.nn.silu}
 
 
-@register_check
-def _check_peer(cfg) -> None:
-  if not any(ffn == "peer" for _, ffn in cfg.layer_types()):
-    return
+def check(cfg) -> None:
   p = cfg.peer
   pk.check_product_key_section("config.peer", num_keys=p.num_experts, top_k=p.top_k,
                                d_key=p.d_key, num_heads=p.num_heads)
 
 
-@register_ffn("peer")
 class PEER(nnx.Module):
 
   def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
@@ -131,9 +146,6 @@ class PEER(nnx.Module):
     expert columns: one fused kernel (gather u rows, dot, activation, gate, weighted gather-sum
     of v rows). Columns split over a mesh axis ("peer_dim" rule): partial dots per column
     shard, summed over the axis, then each shard's columns of the output."""
-    from jax.sharding import PartitionSpec as P
-    from kernels_pallas.gather_sum.ops import gather_dot, gather_sum, peer_ffn
-
     b, t, h, k = idx_BxTxHxK.shape
     u, v = self.experts_in_NxD[...], self.experts_out_NxD[...]
     rows, cols = kernel_impl.batch_axis(b), kernel_impl.mesh_axis("peer_dim", u.shape[1])
@@ -155,7 +167,7 @@ class PEER(nnx.Module):
         out_specs=P(rows, None, cols))
     return fn(x_BxTxD, u, v, idx_BxTxHxK, g_BxTxHxK.astype(jnp.float32))
 
-  # ---- accounting (scaling/flops.py) ----
+  # ---- accounting (sparsejax/models/accounting.py) ----
   def active_params_per_token(self) -> int:
     h, d = self.num_heads, self.d_model
     return d * h * self.d_key + h * self.n * self.d_key + h * self.top_k * 2 * d
@@ -163,6 +175,16 @@ class PEER(nnx.Module):
   def bytes_read_per_token(self) -> int:
     """Selected expert rows (u and v) read per token: h·k·2·D·bytes(param dtype)."""
     return self.num_heads * self.top_k * 2 * self.d_model * self.param_bytes
+
+
+def cost(layer: PEER, seq_len: int) -> LayerCost:
+  return LayerCost(active_params=layer.active_params_per_token(),
+                   table_bytes=layer.bytes_read_per_token())
+
+
+FAMILY = Family("peer", "ffn", PEER, section=("peer", PEERConfig), check=check,
+                rules=(*pk.RULES, ("peer_experts", None), ("peer_dim", "tensor")), cost=cost,
+                shapes=("model", "peer"))
 
 
 def dense_reference(layer: PEER, x_BxTxD: jax.Array) -> jax.Array:

@@ -19,6 +19,11 @@ kernels_pallas/product_key_topk (sub-key scores, both top-k's, the k×k combine 
 softmax in one program per token block and head, so no score ever round-trips to HBM), per batch
 shard under an active mesh (sparsejax/layers/kernel_impl.py). The config value "pallas" is
 resolved per backend by ``kernel_impl.resolve``.
+
+Query BatchNorm (used by PKM and PEER) is not offered: it mixes tokens of a batch (so a causal LM
+would see other rows' and future positions' statistics) and needs running statistics, which are
+not parameters (only ``nnx.Param`` may hold model state here). ``query_norm`` = "rms" / "layer"
+normalise each token's query on its own.
 """
 
 from __future__ import annotations
@@ -28,12 +33,16 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
+from kernels_pallas.product_key_topk.ops import product_key_topk as fused
+from sparsejax.errors import ConfigError
 from sparsejax.layers import kernel_impl
-from sparsejax.parallel.sharding import register_rules
 
 # Logical axes of the product-key parameters (all replicated by default: sub-keys are small,
-# n·d_key per head). Value tables / expert tables are column-sharded (see memory.py, peer.py).
-register_rules(pk_heads=None, pk_subkeys=None, pk_dim=None)
+# n·d_key per head); part of the PEER and memory families' rules. Value tables / expert tables
+# are column-sharded (see memory.py, peer.py).
+RULES = (("pk_heads", None), ("pk_subkeys", None), ("pk_dim", None))
 
 
 def isqrt_exact(n: int) -> int | None:
@@ -87,9 +96,6 @@ def product_key_topk(q1: jax.Array, q2: jax.Array, keys1: jax.Array, keys2: jax.
 
 def _kernel_topk(q1, q2, keys1, keys2, top_k, *, impl, softmax):
   """The fused kernel, per batch shard when a mesh is active (sub-keys replicated)."""
-  from kernels_pallas.product_key_topk.ops import product_key_topk as fused
-  from jax.sharding import PartitionSpec as P
-
   keys1, keys2 = keys1.astype(q1.dtype), keys2.astype(q2.dtype)
   bspec = P(kernel_impl.batch_axis(q1.shape[0]), None, None, None)
   fn = kernel_impl.per_shard(
@@ -124,7 +130,6 @@ def normalize(x: jax.Array, kind: str, eps: float, scale=None, bias=None) -> jax
 def check_product_key_section(prefix: str, *, num_keys: int, top_k: int, d_key: int,
                               num_heads: int) -> None:
   """One-line ConfigErrors for an impossible product-key section (``prefix`` = "config.peer")."""
-  from sparsejax.config import ConfigError  # late: config imports the schema, not the layers
   n = isqrt_exact(num_keys) if num_keys > 0 else None
   if n is None:
     raise ConfigError(f"{prefix}: {num_keys} keys is not a perfect square n*n (product keys need "

@@ -31,12 +31,12 @@ _ACT = ("act_batch", "act_length", "act_embed")
 
 class Block(nnx.Module):
   def __init__(self, cfg: Config, layer_idx: int, *, rngs: nnx.Rngs, shared: dict):
-    attn_type, ffn_type = cfg.layer_types()[layer_idx]
+    attn_family, ffn_family = registry.layer_families(cfg)[layer_idx]
     d, eps = cfg.model.d_model, cfg.model.norm_eps
     self.attn_norm = RMSNorm(d, eps=eps)
-    self.attn = registry.ATTENTION[attn_type](cfg, layer_idx, rngs=rngs, shared=shared)
+    self.attn = attn_family.build(cfg, layer_idx, rngs=rngs, shared=shared)
     self.ffn_norm = RMSNorm(d, eps=eps)
-    self.ffn = registry.FFN[ffn_type](cfg, layer_idx, rngs=rngs, shared=shared)
+    self.ffn = ffn_family.build(cfg, layer_idx, rngs=rngs, shared=shared)
 
     # Optional call context, passed only to layers whose __call__ declares it:
     #   tokens_BxT (hash routing), rng (a per-step, per-layer key; None in eval).

@@ -10,7 +10,8 @@ slices: pure data parallel across TPU slices / GPU nodes), ``data`` (pure data p
 ``fsdp`` (data parallel with parameters / optimizer state sharded), ``expert`` (expert
 parallelism), ``tensor`` (Megatron-style tensor parallelism; innermost so it lands on the fastest
 interconnect). Named presets of sizes and rule overrides (``config.mesh.preset``), the dcn device
-grouping and the golden sharding dumps live in mesh_presets.py.
+grouping and ``make_mesh`` live in mesh.py; the layer families add rules for their own logical
+names (their ``Family.rules``, collected by sparsejax.layers.registry).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import math
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")  # within a slice; "dcn" goes before them
+from sparsejax.parallel import mesh as mesh_lib
+
 
 # Parameters use plain names; activations use act_* names so that the embed dimension of a
 # weight can be FSDP-sharded while the embed dimension of an activation is not.
@@ -46,43 +47,16 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
 )
 
-_EXTRA_RULES: dict[str, Any] = {}
-
-
-def register_rules(**rules: Any) -> None:
-  """Layer families add defaults for their own logical axis names at import time, e.g.
-  ``register_rules(experts="expert")``. config.mesh.rules still overrides them."""
-  for name, axes in rules.items():
-    if name in dict(DEFAULT_RULES) or _EXTRA_RULES.get(name, axes) != axes:
-      raise ValueError(f"logical axis rule {name!r} is already defined")
-    _EXTRA_RULES[name] = axes
-
-
 _log = logging.getLogger(__name__)
 _warned: set = set()
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Build the ([dcn,] data, fsdp, expert, tensor) mesh; one size may be -1 (all remaining
-  devices of a slice); a config.mesh.preset is resolved first (mesh_presets.resolve)."""
-  from sparsejax.parallel import mesh_presets  # imports this module
-  devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_presets.mesh_shape(mesh_cfg, len(devices), mesh_presets.num_granules(devices))
-  names, sizes = tuple(shape), tuple(shape.values())
-  auto = (jax.sharding.AxisType.Auto,) * len(names)
-  if mesh_presets.DCN_AXIS in shape:
-    return Mesh(mesh_presets.hybrid_device_array(shape, devices), names, axis_types=auto)
-  if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
-    return jax.make_mesh(sizes, names, axis_types=auto)
-  return Mesh(np.asarray(devices).reshape(sizes), names)
-
-
-def rules_of(mesh_cfg) -> dict[str, Any]:
-  """Defaults, then the families' rules, then the preset's overrides, then config.mesh.rules."""
-  from sparsejax.parallel import mesh_presets
-  rules = dict(DEFAULT_RULES)
-  rules.update(_EXTRA_RULES)
-  rules.update(mesh_presets.preset_rules(mesh_cfg))
+def rules_of(mesh_cfg, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+  """``defaults`` (DEFAULT_RULES plus the layer families' rules: see
+  ``sparsejax.layers.registry.logical_rules``), then the preset's overrides, then
+  config.mesh.rules."""
+  rules = dict(DEFAULT_RULES if defaults is None else defaults)
+  rules.update(mesh_lib.preset_rules(mesh_cfg))
   rules.update({k: v for k, v in mesh_cfg.rules})
   return rules
 
@@ -163,3 +137,9 @@ def batch_shards(mesh: Mesh, rules: dict[str, Any]) -> int:
   spec = batch_sharding(mesh, rules).spec[0]
   axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def global_batch(local: dict, sharding: NamedSharding, global_batch_size: int) -> dict:
+  """This process's rows of a global batch (host arrays) -> global jax arrays."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding, v, (global_batch_size,) + v.shape[1:]) for k, v in local.items()}

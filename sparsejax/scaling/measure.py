@@ -2,28 +2,31 @@
 achieved throughput (for the sweep's records and its dry-run time estimate).
 
 The step is built exactly as sparsejax.train.loop builds it (same shardings, donation and
-activation-sharding context), from shapes alone for the FLOP count and on random tokens for the
-timing. Everything jax-related is imported inside the functions, so importing this module is
-cheap.
+activation-sharding context, ``train.step.jit_train_step``), from shapes alone for the FLOP count
+and on random tokens for the timing. scaling imports train; train never imports scaling.
 """
 
 from __future__ import annotations
 
 import time
 
-from sparsejax.config import Config, replace
+import jax
+import jax.numpy as jnp
+
+from sparsejax.config import Config
+from sparsejax.configure import replace
+from sparsejax.layers import registry
+from sparsejax.parallel import mesh as mesh_lib
+from sparsejax.parallel import sharding as shd
+from sparsejax.train import step as steplib
+from sparsejax.train.optim import make_optimizer
+from sparsejax.train.state import abstract_state, init_state, model_spec
 
 def _step_program(cfg: Config, devices, vocab: int):
   """The jitted train step as train_and_evaluate builds it, and what calling it needs."""
-  import jax
-
-  from sparsejax.parallel import sharding as shd
-  from sparsejax.train import step as steplib
-  from sparsejax.train.optim import make_optimizer
-  from sparsejax.train.state import abstract_state, model_spec
   devices = list(devices) if devices is not None else jax.devices()
-  mesh = shd.make_mesh(cfg.mesh, devices)
-  rules = shd.rules_of(cfg.mesh)
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+  rules = registry.logical_rules(cfg.mesh)
   spec = model_spec(cfg, vocab)
   optimizer = make_optimizer(cfg)
   target, shardings = abstract_state(spec, mesh, optimizer)
@@ -39,28 +42,19 @@ def xla_step_flops(cfg: Config, devices=None, vocab: int = 257) -> float:
   body once, not times its trip count, and one full-batch step does the same arithmetic. The
   backend (LLVM) optimisation level is 0, which halves CPU compile time and leaves the count,
   taken from the optimised HLO, unchanged."""
-  import jax
-  import jax.numpy as jnp
-
-  from sparsejax.parallel import sharding as shd
-  from sparsejax.train.loop import xla_flops_per_step
   cfg = replace(cfg, **{"train.grad_accum_steps": 1})
   fn, _, mesh, rules, _, target, batch_sh = _step_program(cfg, devices, vocab)
   shape = (cfg.data.global_batch_size, cfg.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
            for k in ("inputs", "targets")}
   with shd.activation_sharding(mesh, rules):
-    return xla_flops_per_step(fn, target, batch,
+    return steplib.compiled_flops(fn, target, batch,
                               compiler_options={"xla_backend_optimization_level": 0})
 
 
 def time_step(cfg: Config, devices=None, vocab: int = 257, steps: int = 3) -> float:
   """Seconds per train step on `devices`: compile, one warm-up step, then the mean of `steps`
   timed steps on random tokens."""
-  import jax
-
-  from sparsejax.parallel import sharding as shd
-  from sparsejax.train.state import init_state
   fn, spec, mesh, rules, optimizer, _, batch_sh = _step_program(cfg, devices, vocab)
   state, _ = init_state(spec, mesh, optimizer)
   tokens = jax.random.randint(jax.random.key(0), (cfg.data.global_batch_size,

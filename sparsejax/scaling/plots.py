@@ -1,4 +1,5 @@
-"""PNG plots of a scaling-law analysis (the dict ``sparsejax.fit`` writes to fits.json).
+"""PNG plots of a scaling-law analysis (the dict ``sparsejax.scaling.analyze`` writes
+to fits.json).
 
 matplotlib is imported here only (rendered with the Agg canvas, no pyplot, no GUI), so fitting
 stays importable without it. File names are fixed; one colour per family (sorted names):

@@ -1,4 +1,5 @@
-"""Markdown report of a scaling-law analysis (the dict ``sparsejax.fit`` writes to fits.json).
+"""Markdown report of a scaling-law analysis (the dict ``sparsejax.scaling.analyze`` writes
+to fits.json).
 
 ``headline(data)`` is the per-family table of fitted parameters with its conventions line,
 printable on its own; ``render`` ties it to the sweep summary, compute-optimal predictions, the
@@ -86,7 +87,7 @@ def _summary(data: dict) -> list[str]:
   out = [f"{len(data['runs'])} runs fitted in {len(data['families'])} famil"
          f"{'y' if len(data['families']) == 1 else 'ies'}, {len(data['problems'])} record(s) "
          f"left out (see Problems). Compute: {_g(total_c)} FLOPs as 6ND, {_g(total_f)} as the "
-         "records' total_flops (6N + attention, sparsejax.scaling.flops)"
+         "records' total_flops (6N + attention, sparsejax.models.accounting)"
          + (f"; wall time {wall:.0f} s in all." if walls_known else "."), ""]
   return out + _table(header, rows)
 
@@ -152,7 +153,8 @@ def _sparse(data: dict) -> list[str]:
 
 def render(data: dict, images: list[tuple[str, str]]) -> str:
   lines = [f"# Scaling-law report: `{data['root']}`", "",
-           "Written by `python -m sparsejax.fit`; full-precision numbers in `fits.json`.", "",
+           "Written by `python -m sparsejax.scaling.analyze`; full-precision numbers in "
+           "`fits.json`.", "",
            "## Sweep summary", "", *_summary(data), "",
            "## Fitted parameters", "", headline(data), "",
            "## Compute-optimal predictions", "",

@@ -13,6 +13,8 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from sparsejax.cli_common import flags_parser, one_line_errors, setup_logging
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/dense.py:tiny", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs); re-use to resume")
@@ -29,15 +31,16 @@ _STEP_TIMEOUT = flags.DEFINE_float(
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from sparsejax.cli_common import one_line_errors, setup_logging
   setup_logging()
   with one_line_errors("sparsejax.train"):
-    from sparsejax.parallel.distributed import initialize_from_env
-    initialize_from_env()  # before anything touches a device
+    # defers jax: --help and bad flags answer without loading it, and jax.distributed is
+    # initialised before anything can touch a device
+    from sparsejax.parallel.distributed import initialize_from_env  # defers jax (see above)
+    initialize_from_env()
     import jax
-    from sparsejax.config import from_config_dict
-    from sparsejax.train.loop import train_and_evaluate
-    cfg = from_config_dict(_CONFIG.value)
+    from sparsejax.configure import validate  # defers jax (see above)
+    from sparsejax.train.loop import train_and_evaluate  # defers jax (see above)
+    cfg = validate(_CONFIG.value)
     result = train_and_evaluate(cfg, _WORKDIR.value, allow_data_change=_ALLOW_DATA_CHANGE.value,
                                 step_timeout_s=_STEP_TIMEOUT.value)
     summary = {"workdir": str(result.workdir), "step": result.step,
@@ -50,5 +53,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  from sparsejax.cli_common import flags_parser
   app.run(main, flags_parser=flags_parser("sparsejax.train"))

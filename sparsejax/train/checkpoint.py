@@ -32,11 +32,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sparsejax.errors import CheckpointError
+
 _log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-  pass
 
 
 def _manifest(step_dir: pathlib.Path) -> dict[str, int]:

@@ -67,3 +67,16 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def host_metrics(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Split device metrics into scalars and vectors (vectors -> histograms + max/mean)."""
+  scalars, vectors = {}, {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      scalars[k] = float(v)
+    else:
+      vectors[k] = v
+      scalars[f"{k}/max_over_mean"] = float(v.max() / max(float(v.mean()), 1e-12))
+  return scalars, vectors

@@ -7,6 +7,7 @@ import jax
 import optax
 
 from sparsejax.config import Config
+from sparsejax.layers import registry
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
@@ -41,19 +42,21 @@ def decay_mask(params, cfg: Config):
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
-VALUE_PREFIX = "values_"  # parameters named values_* form the memory-values optimizer group
 BUFFER_PREFIX = "buffer_"  # non-gradient state updated by sown "update__buffer_*" (step.py)
 
 
 def param_groups(params) -> dict:
-  """Label each leaf: "memory_values" for memory value tables, "frozen" for buffers (never
-  touched by the optimizer), else "default"."""
+  """Label each leaf: "frozen" for buffers (never touched by the optimizer), the name of the
+  first family ParamGroup whose prefix the leaf name starts with (e.g. memory value tables,
+  ``values_*`` -> "memory_values"), else "default"."""
+  groups = registry.param_groups()
+
   def label(path, _):
     last = path[-1]
     name = str(getattr(last, "key", getattr(last, "name", last)))
     if name.startswith(BUFFER_PREFIX):
       return "frozen"
-    return "memory_values" if name.startswith(VALUE_PREFIX) else "default"
+    return next((g.name for g in groups if name.startswith(g.prefix)), "default")
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -66,11 +69,14 @@ def _adamw(lr, clip: float, weight_decay: float, mask, cfg: Config):
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-  """AdamW over all parameters; memory value tables (``values_*`` leaves) get their own group:
-  constant ``memory.value_lr``, own clipping and weight decay (Memory Layers at Scale)."""
-  o, m = cfg.optim, cfg.memory
-  default = _adamw(lr_schedule(cfg), o.grad_clip, o.weight_decay,
-                   lambda p: decay_mask(p, cfg), cfg)
-  values = _adamw(m.value_lr, m.value_grad_clip, m.value_weight_decay, None, cfg)
-  return optax.multi_transform({"default": default, "memory_values": values,
-                                "frozen": optax.set_to_zero()}, param_groups)
+  """AdamW over all parameters; each family ParamGroup (sparsejax/layers/family.py) gets its own
+  AdamW with the family's hyper-parameters (memory values: constant ``memory.value_lr``, own
+  clipping and weight decay, as in Memory Layers at Scale); ``buffer_*`` leaves are frozen."""
+  o = cfg.optim
+  txs = {"default": _adamw(lr_schedule(cfg), o.grad_clip, o.weight_decay,
+                           lambda p: decay_mask(p, cfg), cfg)}
+  for g in registry.param_groups():
+    h = g.hyper(cfg)
+    txs[g.name] = _adamw(h["lr"], h["grad_clip"], h["weight_decay"], None, cfg)
+  txs["frozen"] = optax.set_to_zero()
+  return optax.multi_transform(txs, param_groups)

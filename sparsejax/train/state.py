@@ -22,8 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sparsejax.config import Config
+from sparsejax.layers import registry
 from sparsejax.models.transformer import Transformer, build_model
-from sparsejax.parallel.sharding import logical_to_spec, rules_of
+from sparsejax.parallel.sharding import logical_to_spec
 from sparsejax.train.optim import make_optimizer
 
 
@@ -59,7 +60,7 @@ def model_spec(cfg: Config, vocab_size: int) -> ModelSpec:
 
 
 def param_shardings(spec: ModelSpec, mesh: Mesh) -> dict:
-  rules = rules_of(spec.cfg.mesh)
+  rules = registry.logical_rules(spec.cfg.mesh)
   return jax.tree.map(
       lambda x, axes: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),
       spec.abstract_params, spec.logical_axes, is_leaf=lambda x: isinstance(x, tuple))

@@ -1,4 +1,5 @@
-"""Pure train / eval steps over the functional state (see state.py).
+"""The pure train step over the functional state (see state.py); the eval step is in
+sparsejax/eval/core.py.
 
 Loss: token-mean cross-entropy in float32 + ``z_loss * mean(logsumexp^2)`` + the sum of every
 ``aux_loss`` a layer sowed (averaged over micro-batches). Gradient accumulation runs the
@@ -8,75 +9,14 @@ finite applies no update (parameters and optimizer state are kept) and is counte
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
+from sparsejax.models.forward import apply_buffer_updates, forward_sums
 from sparsejax.train.optim import lr_schedule
-
-
-UPDATE_PREFIX = "update__"  # sown "update__<buffer_x>" is added to the sibling param buffer_x
-
-
-def _collect_sown(intermediates):
-  """Reduce what layers sowed into (sum of aux losses, {path: value} metrics,
-  {param path: additive buffer update})."""
-  aux = jnp.zeros((), jnp.float32)
-  metrics, updates = {}, {}
-  for path, var in nnx.to_flat_state(intermediates):
-    value = var.get_value() if isinstance(var, nnx.Variable) else var
-    value = value[-1] if isinstance(value, tuple) else value
-    value = jnp.asarray(value, jnp.float32)
-    name = str(path[-1])
-    if name == "aux_loss":
-      aux = aux + value
-    if name.startswith(UPDATE_PREFIX):
-      updates[tuple(path[:-1]) + (name[len(UPDATE_PREFIX):],)] = value
-    else:
-      metrics["/".join(map(str, path))] = value
-  return aux, metrics, updates
-
-
-def _apply_buffer_updates(params: dict, updates: dict) -> dict:
-  """Add sown buffer updates to their parameters (non-gradient state, e.g. MoE router bias)."""
-  if not updates:
-    return params
-  flat = {tuple(getattr(k, "key", k) for k in p): x
-          for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  for path, delta in updates.items():
-    if path not in flat:
-      raise KeyError(f"sown update for {'/'.join(map(str, path))}: no such parameter")
-    flat[path] = flat[path] + delta.astype(flat[path].dtype)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: flat[tuple(getattr(k, "key", k) for k in p)], params)
-
-
-def token_losses(logits_BxTxV, targets_BxT):
-  """Per-token cross-entropy and logsumexp, float32."""
-  logits = logits_BxTxV.astype(jnp.float32)
-  lse_BxT = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-  return lse_BxT - target_logit, lse_BxT
-
-
-def forward_sums(graphdef, params, batch, z_loss: float, rng=None):
-  """Sums over the batch (so micro-batches add up exactly) and sown values. `rng` is a key for
-  stochastic layers (training only; None = deterministic)."""
-  model = nnx.merge(graphdef, params)
-  logits, intermediates = nnx.capture(model, nnx.Intermediate)(batch["inputs"], rng=rng)
-  ce_BxT, lse_BxT = token_losses(logits, batch["targets"])
-  w_BxT = batch.get("weights")
-  if w_BxT is None:
-    w_BxT = jnp.ones(ce_BxT.shape, jnp.float32)
-  aux, sown, updates = _collect_sown(intermediates)
-  sums = {"ce_sum": jnp.sum(ce_BxT * w_BxT), "z_sum": jnp.sum(lse_BxT ** 2 * w_BxT),
-          "count": jnp.sum(w_BxT), "correct": jnp.sum(
-              (jnp.argmax(logits, -1) == batch["targets"]) * w_BxT)}
-  return sums, aux, sown, updates
 
 
 def _rms(x):
@@ -138,7 +78,7 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     opt_updates, new_opt = optimizer.update(grads, state["opt_state"], params)
-    new_params = _apply_buffer_updates(optax.apply_updates(params, opt_updates), updates)
+    new_params = apply_buffer_updates(optax.apply_updates(params, opt_updates), updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     in_a_row = jnp.where(finite, 0, state["nonfinite_in_a_row"] + 1)
     new_state = {**state,
@@ -163,27 +103,10 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
   return train_step
 
 
-def make_eval_step(graphdef):
-  """Sums for loss / accuracy plus every sown ``usage*`` count vector (key usage)."""
-  def eval_step(params, batch):
-    sums, _, sown, _ = forward_sums(graphdef, params, batch, 0.0)
-    usage = {k: v for k, v in sown.items() if k.rsplit("/", 1)[-1].startswith("usage")}
-    return {**{k: sums[k] for k in ("ce_sum", "count", "correct")}, "usage": usage}
-  return eval_step
-
-
-def usage_summary(counts) -> dict[str, float]:
-  """Fraction of entries touched and KL(usage || uniform) in nats, for one count vector."""
-  counts = jnp.asarray(counts, jnp.float32)
-  total = jnp.maximum(counts.sum(), 1.0)
-  p = counts / total
-  kl = jnp.sum(jnp.where(p > 0, p * jnp.log(p * counts.size), 0.0))
-  return {"touched_fraction": float(jnp.mean(counts > 0)), "kl_from_uniform": float(kl)}
-
-
-def summarize_eval(sums: dict[str, float], bytes_per_token: float) -> dict[str, float]:
-  """Token-mean loss (nats), perplexity and bits per UTF-8 byte of the evaluated text."""
-  loss = sums["ce_sum"] / max(sums["count"], 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bits_per_byte": loss / math.log(2) / bytes_per_token,
-          "accuracy": sums["correct"] / max(sums["count"], 1.0), "tokens": sums["count"]}
+def compiled_flops(jitted, *args, compiler_options: dict | None = None) -> float:
+  """FLOPs of one call of `jitted` on `args` by XLA's cost analysis of the compiled program, per
+  device. A loop body (lax.scan, e.g. gradient accumulation) is counted once per unrolled copy,
+  not times its trip count."""
+  cost = jitted.lower(*args).compile(compiler_options).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))

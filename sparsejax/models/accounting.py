@@ -9,10 +9,10 @@ Convention (written once, used by metrics, MFU and scaling fits):
     (QK^T and AV); causal attention halves it to ``2·T·H·Dh``. Training: x3.
   * Norms, RoPE, softmax and the loss are ignored (< 1% at our shapes).
 
-A layer whose cost differs (MoE: only active experts; block-sparse attention: only visited blocks)
-defines ``active_params_per_token()`` and/or ``attention_flops_per_token(seq_len)`` (forward) on
-its module; otherwise all its matmul weights (ndim >= 2) are active and attention is dense
-causal. Table lookups (memory values, PEER experts) report ``bytes_read_per_token()``.
+A family whose cost differs (MoE: only active experts; block-sparse attention: only visited
+blocks; memory / PEER: selected rows) declares ``Family.cost(module, seq_len) -> LayerCost``
+(sparsejax/layers/family.py); otherwise all its matmul weights (ndim >= 2) are active and
+attention is dense causal. Table lookups (memory values, PEER experts) report table bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import jax
 from flax import nnx
 
 from sparsejax.config import Config
+from sparsejax.layers import registry
+from sparsejax.layers.family import LayerCost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,36 +67,16 @@ def count(model, cfg: Config) -> ModelCounts:
   active = head_matmul
   attn_fwd = 0.0
   table_bytes = 0.0
-  for block in model.blocks:
-    for sub in (block.attn, block.ffn):
-      fn = getattr(sub, "active_params_per_token", None)
-      active += fn() if fn is not None else _matmul_params(sub)
-      fn = getattr(sub, "bytes_read_per_token", None)
-      table_bytes += fn() if fn is not None else 0.0
-    fn = getattr(block.attn, "attention_flops_per_token", None)
-    attn_fwd += (fn(seq_len) if fn is not None else
-                 2.0 * seq_len * cfg.model.num_heads * cfg.head_dim)
+  for block, families in zip(model.blocks, registry.layer_families(cfg)):
+    for sub, family in zip((block.attn, block.ffn), families):
+      cost = family.cost(sub, seq_len) if family.cost is not None else LayerCost()
+      active += cost.active_params if cost.active_params is not None else _matmul_params(sub)
+      table_bytes += cost.table_bytes
+      if sub is block.attn:
+        attn_fwd += (cost.attention_flops if cost.attention_flops is not None else
+                     2.0 * seq_len * cfg.model.num_heads * cfg.head_dim)
   fwd = 2.0 * active + attn_fwd
   return ModelCounts(params_total=total, params_embedding=embed + head,
                      params_non_embedding=total - embed - head,
                      params_active_per_token=active, flops_per_token=3.0 * fwd,
                      flops_per_token_fwd=fwd, table_bytes_read_per_token=table_bytes)
-
-
-# Dense bf16 peak FLOP/s per device, for MFU. Override with config.train.peak_tflops_per_device.
-PEAK_TFLOPS = {
-    "h200": 989.0, "h100": 989.0, "gh200": 989.0, "a100": 312.0, "l4": 121.0, "b200": 2250.0,
-    "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
-    "tpu v6 lite": 918.0, "tpu v6e": 918.0,
-}
-
-
-def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
-  """Peak dense bf16 TFLOP/s for a jax device kind; None if unknown (then MFU is not logged)."""
-  if override > 0:
-    return override
-  kind = device_kind.lower()
-  for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-    if key in kind:
-      return PEAK_TFLOPS[key]
-  return None

@@ -1,16 +1,18 @@
-"""``python -m sparsejax.fit --root ROOT``: scaling-law fits of a sweep, plots and a report.
+"""``python -m sparsejax.scaling.analyze --root ROOT``: scaling-law fits of a sweep, plots and a
+report.
 
-  python -m sparsejax.fit --root runs/isoflop_tiny [--out DIR] [--bootstrap 100]
+  python -m sparsejax.scaling.analyze --root runs/isoflop_tiny [--out DIR] [--bootstrap 100]
       [--huber-delta 1e-3] [--loss eval_loss|eval_loss_smoothed]
       [--sparse auto|none|frantar|granularity] [--n-field params_active_per_token]
       [--budget-tol 0.3] [--no-plots]
 
-Reads every ``ROOT/*/record.json`` (sparsejax.sweep.load_records) and writes to OUT (default
-ROOT/report): REPORT.md, fits.json (full precision, everything the report shows) and PNG plots.
-The headline table (one row per family) goes to stdout; skipped records go to stderr, one line
-each with the reason, and are listed in the report. Only records with status "done" are fitted.
+Reads every ``ROOT/*/record.json`` (sparsejax.scaling.records.load_records) and writes to OUT
+(default ROOT/report): REPORT.md, fits.json (full precision, everything the report shows) and PNG
+plots. The headline table (one row per family) goes to stdout; skipped records go to stderr, one
+line each with the reason, and are listed in the report. Only records with status "done" are
+fitted.
 
-Per family (the record's ``family``, i.e. the config name):
+Per family (the record's ``family``, i.e. the config name; sparsejax.scaling.family_fits):
   * Chinchilla approach 3: ``L = E + A/N^alpha + B/D^beta`` (sparsejax.scaling.fit), bootstrap
     (5%, 95%) intervals, ``N_opt ∝ C^a``, ``D_opt ∝ C^b``.
   * Approach 2: runs are grouped into isoFLOP budgets by their recorded ``total_flops`` (sorted,
@@ -19,14 +21,14 @@ Per family (the record's ``family``, i.e. the config name):
   * Compute-optimal N, D (and loss) at the family's budgets and at 10x / 100x the largest.
   * Warnings (report and headline) where a fit looks degenerate: alpha or beta outside (0, 2],
     E ~ 0, approach-2 slope outside (0, 1), or a line through only 2 budgets.
-Sparse laws (sparsejax.scaling.sparse_laws) are fitted where their axis varies (``auto``): the
-Frantar et al. form over S per family and pooled over all families, the fine-grained MoE form
-over G per family.
+Sparse laws (sparsejax.scaling.sparse_fits over sparsejax.scaling.sparse_laws) are fitted where
+their axis varies (``auto``): the Frantar et al. form over S per family and pooled over all
+families, the fine-grained MoE form over G per family.
 
 Conventions (also written into the report and fits.json):
   N  ``--n-field`` of the record, by default ``params_active_per_token``: the matmul weights one
      token passes through (output head included, input embedding excluded; every matmul weight
-     for dense, only the experts a token is routed to for MoE; sparsejax.scaling.flops).
+     for dense, only the experts a token is routed to for MoE; sparsejax.models.accounting).
   D  training tokens (``tokens``).  C  ``6 N D``, the compute every fit and plot uses (the
      records' ``total_flops``, 6N + attention, only groups runs into budgets).
   S  ``1 - params_active_per_token / params_total`` (params_total counts the input embedding,
@@ -52,8 +54,10 @@ import sys
 
 import numpy as np
 
-from sparsejax.scaling import sparse_laws
-from sparsejax.scaling.fit import fit_approach2, fit_approach3
+from sparsejax.scaling import report, sparse_laws
+from sparsejax.scaling.family_fits import FitError, fit_family
+from sparsejax.scaling.sparse_fits import SPARSE_MODES, fit_sparse
+from sparsejax.scaling.records import RECORD, load_records
 
 N_FIELDS = {
     "params_active_per_token": "N = active parameters per token (matmul weights a token passes "
@@ -63,17 +67,7 @@ N_FIELDS = {
     "params_total": "N = total parameters (every weight, embeddings and all experts included)",
 }
 LOSS_FIELDS = ("eval_loss", "eval_loss_smoothed")
-SPARSE_MODES = ("auto", "none", "frantar", "granularity")
 COMPUTE = "C = 6 N D"
-EXTRAPOLATE = (10.0, 100.0)
-
-
-class FitError(ValueError):
-  """A one-line reason the analysis cannot run; ``problems`` lists the records left out."""
-
-  def __init__(self, message: str, problems: list[dict] | None = None):
-    super().__init__(message)
-    self.problems = problems or []
 
 
 # ----------------------------------------------------------------------------- records -> rows
@@ -122,7 +116,6 @@ def to_row(rec: dict, path: str, loss: str, n_field: str) -> dict:
 
 def collect(root, loss: str = "eval_loss", n_field: str = "params_active_per_token"):
   """(rows, problems): usable runs and ``{"name", "file", "reason"}`` for every record left out."""
-  from sparsejax.sweep import load_records, RECORD  # imports jax: only when loading
   root = pathlib.Path(root)
   if not root.is_dir():
     raise FitError(f"--root {root} is not a directory; pass the sweep's --root")
@@ -142,179 +135,6 @@ def collect(root, loss: str = "eval_loss", n_field: str = "params_active_per_tok
       problems.append({"name": path.parent.name, "file": str(path), "reason": str(e)})
   problems.sort(key=lambda p: p["file"])
   return rows, problems
-
-
-# ----------------------------------------------------------------------------- grouping
-
-def isoflop_budgets(rows: list[dict], tol: float) -> list[list[dict]]:
-  """Group runs whose ``total_flops`` lie within a factor ``1 + tol`` of the group's smallest."""
-  if not tol > 0:
-    raise FitError(f"--budget-tol must be > 0, got {tol}")
-  groups: list[list[dict]] = []
-  for r in sorted(rows, key=lambda r: (r["total_flops"], r["N"])):
-    if groups and r["total_flops"] <= groups[-1][0]["total_flops"] * (1 + tol):
-      groups[-1].append(r)
-    else:
-      groups.append([r])
-  return groups
-
-
-def _geomean(xs) -> float:
-  return float(np.exp(np.mean(np.log(xs))))
-
-
-def _budget_summary(group: list[dict]) -> dict:
-  flops = [r["total_flops"] for r in group]
-  return {"C": _geomean([r["C"] for r in group]), "total_flops": _geomean(flops),
-          "flops_spread": max(flops) / min(flops), "runs": len(group),
-          "sizes": len({round(r["N"], 6) for r in group}), "names": [r["name"] for r in group]}
-
-
-# ----------------------------------------------------------------------------- fits
-
-def _approach3(rows, huber_delta, bootstrap, seed) -> tuple[dict, object]:
-  fit = fit_approach3([r["N"] for r in rows], [r["D"] for r in rows], [r["L"] for r in rows],
-                      huber_delta=huber_delta, bootstrap=bootstrap, seed=seed)
-  out = {"E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta, "a": fit.a,
-         "b": fit.b, "G": fit.G, "loss": fit.loss, "n_points": fit.n_points,
-         "n_inits": fit.n_inits, "converged": fit.converged, "huber_delta": fit.huber_delta,
-         "bootstrap": 0 if fit.bootstrap_samples is None else len(fit.bootstrap_samples),
-         "intervals": fit.intervals}
-  return out, fit
-
-
-def _optimal_interval(fit, C: float):
-  """(5%, 95%) bootstrap percentiles of N_opt and D_opt at budget C, or (None, None)."""
-  s = fit.bootstrap_samples
-  if s is None or len(s) == 0:
-    return None, None
-  log_a, log_b, alpha, beta = s[:, 0], s[:, 1], s[:, 3], s[:, 4]
-  with np.errstate(all="ignore"):
-    log_g = (np.log(alpha / beta) + log_a - log_b) / (alpha + beta)
-    log_n = log_g + beta / (alpha + beta) * math.log(C / 6.0)
-    log_d = math.log(C / 6.0) - log_n
-  ok = np.isfinite(log_n)
-  if not ok.any():
-    return None, None
-  pct = lambda v: tuple(float(x) for x in np.exp(np.percentile(v[ok], [5, 95])))  # noqa: E731
-  return pct(log_n), pct(log_d)
-
-
-def _approach2(groups: list[list[dict]]) -> tuple[dict, object]:
-  usable, skipped = [], []
-  for g in groups:
-    b = _budget_summary(g)
-    if b["sizes"] < 3:
-      skipped.append({"C": b["C"], "reason": f"{b['sizes']} distinct size(s); a parabola needs 3"})
-    else:
-      usable.append((b["C"], g))
-  if len(usable) < 2:
-    return {"skipped": f"{len(usable)} budget(s) with >= 3 sizes of {len(groups)}; approach 2 "
-                       "needs 2", "skipped_budgets": skipped}, None
-  C = [c for c, g in usable for _ in g]
-  try:
-    fit = fit_approach2(C, [r["N"] for _, g in usable for r in g],
-                        [r["L"] for _, g in usable for r in g])
-  except ValueError as e:
-    return {"skipped": str(e), "skipped_budgets": skipped}, None
-  minima = [{"C": m.C, "N_opt": m.N_opt, "D_opt": m.D_opt, "L_opt": m.L_opt,
-             "coeffs": list(m.coeffs), "n_points": m.n_points, "log_n_range": list(m.log_n_range),
-             "positive_curvature": m.positive_curvature, "in_range": m.in_range, "ok": m.ok}
-            for m in fit.minima]
-  return {"a": fit.a, "b": fit.b, "n_intercept": fit.n_intercept, "d_intercept": fit.d_intercept,
-          "n_used": fit.n_used, "minima": minima, "skipped_budgets": skipped}, fit
-
-
-def fit_family(rows: list[dict], *, huber_delta: float, bootstrap: int, seed: int,
-               budget_tol: float) -> dict:
-  groups = isoflop_budgets(rows, budget_tol)
-  out = {"runs": len(rows), "budgets": [_budget_summary(g) for g in groups],
-         "wall_s": (sum(r["wall_s"] for r in rows)
-                    if all(r["wall_s"] is not None for r in rows) else None)}
-  fit3 = None
-  try:
-    out["approach3"], fit3 = _approach3(rows, huber_delta, bootstrap, seed)
-  except ValueError as e:
-    out["approach3"] = {"skipped": str(e)}
-  out["approach2"], fit2 = _approach2(groups)
-  for r in rows:
-    r["L_pred"] = None if fit3 is None else float(fit3.predict(r["N"], r["D"]))
-  largest = max(b["C"] for b in out["budgets"])
-  targets = [(b["C"], "budget") for b in out["budgets"]]
-  targets += [(f * largest, f"{f:g}x largest") for f in EXTRAPOLATE]
-  preds = []
-  for C, label in targets:
-    p = {"C": C, "label": label, "approach3": None, "approach2": None}
-    if fit3 is not None:
-      n, d = (float(v) for v in fit3.optimal(C))
-      n_ci, d_ci = _optimal_interval(fit3, C)
-      p["approach3"] = {"N_opt": n, "D_opt": d, "L_opt": float(fit3.predict(n, d)),
-                        "N_opt_ci": n_ci, "D_opt_ci": d_ci}
-    if fit2 is not None:
-      n, d = (float(v) for v in fit2.optimal(C))
-      p["approach2"] = {"N_opt": n, "D_opt": d}
-    preds.append(p)
-  out["predictions"] = preds
-  out["warnings"] = fit_warnings(out, min(r["L"] for r in rows))
-  return out
-
-
-def fit_warnings(fam: dict, min_loss: float) -> list[str]:
-  """Signs that a fit is degenerate rather than a scaling law (the numbers are still reported)."""
-  w = []
-  a3, a2 = fam["approach3"], fam["approach2"]
-  if "skipped" not in a3:
-    for k in ("alpha", "beta"):
-      if not 0 < a3[k] <= 2:
-        w.append(f"approach 3: {k} = {a3[k]:.3g} is outside (0, 2]")
-    if a3["E"] < 1e-3 * min_loss:
-      w.append(f"approach 3: E = {a3['E']:.3g} is ~0 (below 0.1% of the lowest loss)")
-    if w:
-      w.append("approach 3 looks degenerate: too few runs, or N and D ranges too narrow to "
-               "separate the terms")
-  if "skipped" not in a2:
-    if not 0 < a2["a"] < 1:
-      w.append(f"approach 2: a = {a2['a']:.3g} is outside (0, 1)")
-    if a2["n_used"] == 2:
-      w.append("approach 2: a line through 2 budgets has no residual to check it against")
-  return w
-
-
-def _sparse_scopes(rows, by_family, form):
-  if form == "frantar":
-    scopes = [("all families", [r for r in rows if r["S"] is not None])] if len(by_family) > 1 \
-        else []
-    return scopes + [(f, [r for r in rs if r["S"] is not None]) for f, rs in by_family.items()]
-  return list(by_family.items())
-
-
-def fit_sparse(rows, by_family, mode, *, huber_delta, bootstrap, seed) -> dict:
-  """{form: {"fits": [...], "skipped": [{"scope", "reason"}]}} for the forms ``mode`` asks for."""
-  forms = {"auto": ("frantar", "granularity"), "none": (), "frantar": ("frantar",),
-           "granularity": ("granularity",)}[mode]
-  out = {}
-  for form in forms:
-    x = sparse_laws.FORMS[form]["x"]
-    fitter = sparse_laws.fit_frantar if form == "frantar" else sparse_laws.fit_granularity
-    fits, skipped = [], []
-    for scope, rs in _sparse_scopes(rows, by_family, form):
-      levels = sorted({round(r[x], 6) for r in rs})
-      if len(levels) < sparse_laws.MIN_LEVELS:
-        shown = ", ".join(f"{v:.4g}" for v in levels) or "none"
-        skipped.append({"scope": scope, "reason": f"{x} does not vary enough ({shown}; needs "
-                                                  f"{sparse_laws.MIN_LEVELS} distinct values)"})
-        continue
-      try:
-        fit = fitter([r[x] for r in rs], [r["N"] for r in rs], [r["D"] for r in rs],
-                     [r["L"] for r in rs], huber_delta=huber_delta, bootstrap=bootstrap,
-                     seed=seed)
-      except ValueError as e:
-        skipped.append({"scope": scope, "reason": str(e)})
-        continue
-      fits.append({"scope": scope, **fit.to_json()})
-    out[form] = {"title": sparse_laws.FORMS[form]["title"],
-                 "formula": sparse_laws.FORMS[form]["formula"], "fits": fits, "skipped": skipped}
-  return out
 
 
 def analyze(root, *, loss: str = "eval_loss", n_field: str = "params_active_per_token",
@@ -390,7 +210,7 @@ def _print_problems(prog: str, problems: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m sparsejax.fit", description=__doc__,
+  ap = argparse.ArgumentParser(prog="python -m sparsejax.scaling.analyze", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--root", required=True, help="sweep root holding */record.json")
   ap.add_argument("--out", default=None, help="output directory (default ROOT/report)")
@@ -406,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib)")
   a = ap.parse_args(argv)
-  prog = "sparsejax.fit"
+  prog = "sparsejax.scaling.analyze"
   try:
     result = analyze(a.root, loss=a.loss, n_field=a.n_field, huber_delta=a.huber_delta,
                      bootstrap=a.bootstrap, seed=a.seed, budget_tol=a.budget_tol,
@@ -422,13 +242,13 @@ def main(argv: list[str] | None = None) -> int:
   images = []
   if not a.no_plots:
     try:
+      # defers matplotlib: --no-plots and fitting work without it
       from sparsejax.scaling import plots
     except ImportError as e:
       print(f"{prog}: error: plots need matplotlib ({e}); pip install matplotlib, or pass "
             "--no-plots", file=sys.stderr)
       return 2
     images = plots.write_all(data, out)
-  from sparsejax.scaling import report
   tmp = out / "fits.json.tmp"
   tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
   os.replace(tmp, out / "fits.json")

@@ -1,7 +1,7 @@
-"""Mesh presets, the DCN (multi-slice) axis, and golden sharding dumps.
+"""The device mesh: presets of axis sizes, the DCN (multi-slice) axis, device placement.
 
 ``--config.mesh.preset=<name>`` picks the axis sizes (and a few rule overrides) instead of
-setting ``config.mesh.{data,fsdp,expert,tensor}`` by hand. Validation (sparsejax/config.py)
+setting ``config.mesh.{data,fsdp,expert,tensor}`` by hand. Validation (sparsejax/configure.py)
 resolves the preset into those fields, so everything downstream (``make_mesh``, the MoE
 expert-parallel checks, checkpoints' config.json) sees the sizes actually used; resolving again
 is a no-op. ``preset=""`` (the default) keeps the explicit sizes as before.
@@ -34,7 +34,7 @@ gives the same per-axis layout on any cluster (only the -1 axis grows).
 A preset owns its axes: setting one to another value (e.g. ``preset=fsdp`` with ``mesh.data=2``)
 is an error; use ``preset=""`` and explicit sizes (``mesh.dcn`` included) for anything else.
 
-Rules every preset starts from (sharding.DEFAULT_RULES + the families' register_rules):
+Rules every preset starts from (sharding.DEFAULT_RULES + the families' Family.rules):
 act_batch -> (dcn, data, fsdp, expert); embed -> fsdp; vocab, q_heads, kv_heads, mlp -> tensor;
 experts -> expert; expert_mlp -> tensor; PEER / memory tables: rows replicated, columns over
 tensor (lookups stay local; so they are split only under fsdp_tp), product-key sub-keys
@@ -53,34 +53,27 @@ over it. Devices are grouped into ``dcn`` slices of equal size:
     as ``dcn`` slices. With one process per GPU, set ``mesh.dcn`` = number of nodes.
   The dcn axis exists only when its size is > 1, so single-slice meshes are unchanged.
 
-Golden dumps: ``tests/golden/sharding/<preset>.json`` holds, for a 125m-wide model of each family
-(2 layers; memory with layer 1 a Memory+ layer) on 8 devices, every parameter's shape and
-PartitionSpec. tests/test_mesh_presets.py recomputes them and fails when a rule change moves any
-parameter, naming each one and flagging tensors >= 1M elements that became fully replicated.
-Regenerate after an intended change (then review the diff):
-
-    python -m sparsejax.parallel.mesh_presets --write-golden
-    python -m sparsejax.parallel.mesh_presets --check           # compare only
-    python -m sparsejax.parallel.mesh_presets --show configs/moe.py:125m --preset fsdp_ep \\
-        --devices 64                                            # any config's sharding table
+Golden sharding dumps of every preset live in tests/golden/sharding/ (tests/sharding_golden.py
+writes and checks them); ``python -m sparsejax.info --config ... --sharding --devices 64``
+prints any config's parameter shardings.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
-import json
 import math
-import pathlib
-import sys
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
 
-from sparsejax.config import ConfigError, MeshConfig
-from sparsejax.parallel.sharding import MESH_AXES
+from sparsejax.config import MeshConfig
+from sparsejax.errors import ConfigError
 
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # within a slice; "dcn" goes before them
 DCN_AXIS = "dcn"
 DEFAULT_TENSOR = 4
 DEFAULT_EXPERT = 4
@@ -193,7 +186,6 @@ def hybrid_device_array(shape: dict[str, int], devices: Sequence[Any]) -> np.nda
   whats = "processes" if what == "process" else "slices"
   counts = {len(v) for v in by_granule.values()}
   if len(by_granule) == dcn and len(counts) == 1:
-    from jax.experimental import mesh_utils
     return mesh_utils.create_hybrid_device_mesh(
         [1] + inner, [dcn] + [1] * len(inner), devices,
         process_is_granule=key == "process_index")
@@ -208,175 +200,15 @@ def hybrid_device_array(shape: dict[str, int], devices: Sequence[Any]) -> np.nda
   return np.asarray(ordered, dtype=object).reshape([dcn] + inner)
 
 
-# ---- golden sharding dumps ----
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-GOLDEN_DIR = REPO_ROOT / "tests" / "golden" / "sharding"
-GOLDEN_DEVICES = 8
-GOLDEN_VOCAB = 32768
-LARGE = 1_000_000  # elements: a tensor this big must not silently become replicated
-GOLDEN_MODELS: dict[str, tuple[str, dict]] = {  # family: (config, overrides); 125m widths
-    "dense": ("configs/dense.py:125m", {"model.num_layers": 2}),
-    "moe": ("configs/moe.py:125m", {"model.num_layers": 2}),
-    "peer": ("configs/peer.py:125m", {"model.num_layers": 2}),
-    "memory": ("configs/memory.py:125m", {"model.num_layers": 2, "ffn.overrides": ("1:memory",)}),
-}
-GOLDEN_MESH: dict[str, dict] = {"multislice": {"mesh.dcn": 2}}  # 2 simulated slices of 4
-
-
-def spec_to_json(spec) -> list:
-  return [list(e) if isinstance(e, tuple) else e for e in spec]
-
-
-def param_table(cfg, num_devices: int, vocab_size: int, granules: int = 1) -> dict:
-  """{"mesh": axis sizes, "params": {path: {"shape", "spec"}}} of `cfg` on `num_devices`
-  devices, from abstract shapes only (nothing materialised, no devices needed)."""
-  import jax
-  from sparsejax.train.state import model_spec, param_shardings
-
-  shape = mesh_shape(cfg.mesh, num_devices, granules)
-  mesh = jax.sharding.AbstractMesh(tuple(shape.values()), tuple(shape),
-                                   axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
-  spec = model_spec(cfg, vocab_size)
-  shardings = param_shardings(spec, mesh)
-  params = {}
-  for (path, x), sh in zip(jax.tree_util.tree_leaves_with_path(spec.abstract_params),
-                           jax.tree.leaves(shardings)):
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    params[name] = {"shape": list(x.shape), "spec": spec_to_json(sh.spec)}
-  return {"mesh": shape, "params": params}
-
-
-def golden_config(family: str, preset: str, rules: Sequence = ()):
-  from sparsejax.configs_loader import load_config
-  path, overrides = GOLDEN_MODELS[family]
-  return load_config(path, **{**overrides, "mesh.preset": preset, **GOLDEN_MESH.get(preset, {}),
-                              **({"mesh.rules": tuple(rules)} if rules else {})})
-
-
-def golden_dump(preset: str, rules: Sequence = ()) -> dict:
-  """The golden file's content for `preset` (`rules`: extra config.mesh.rules, for tests)."""
-  out: dict = {"preset": preset, "devices": GOLDEN_DEVICES, "vocab_size": GOLDEN_VOCAB,
-               "mesh": None, "families": {}}
-  for family, (path, overrides) in GOLDEN_MODELS.items():
-    table = param_table(golden_config(family, preset, rules), GOLDEN_DEVICES, GOLDEN_VOCAB)
-    out["mesh"] = table["mesh"]
-    out["families"][family] = {"config": path, "overrides": {**overrides,
-                               **GOLDEN_MESH.get(preset, {})}, "params": table["params"]}
-  return out
-
-
-def format_dump(dump: dict) -> str:
-  """JSON with one parameter per line (readable diffs)."""
-  lines = ["{"]
-  for key in ("preset", "devices", "vocab_size", "mesh"):
-    lines.append(f" {json.dumps(key)}: {json.dumps(dump[key])},")
-  lines.append(' "families": {')
-  fams = list(dump["families"].items())
-  for i, (family, body) in enumerate(fams):
-    lines.append(f"  {json.dumps(family)}: {{")
-    lines.append(f"   \"config\": {json.dumps(body['config'])},")
-    lines.append(f"   \"overrides\": {json.dumps(body['overrides'])},")
-    lines.append('   "params": {')
-    items = list(body["params"].items())
-    for j, (name, entry) in enumerate(items):
-      lines.append(f"    {json.dumps(name)}: {json.dumps(entry)}" + ("," if j < len(items) - 1
-                                                                        else ""))
-    lines.append("   }")
-    lines.append("  }" + ("," if i < len(fams) - 1 else ""))
-  lines += [" }", "}", ""]
-  return "\n".join(lines)
-
-
-def golden_path(preset: str, root: pathlib.Path = GOLDEN_DIR) -> pathlib.Path:
-  return pathlib.Path(root) / f"{preset}.json"
-
-
-def compare(golden: dict, current: dict, large: int = LARGE) -> list[str]:
-  """One line per difference; tensors >= `large` elements that lost all sharding come first,
-  as 'rule change silently replicates <family>:<param> (<n> params)'."""
-  flagged, changed = [], []
-  if golden.get("mesh") != current.get("mesh"):
-    changed.append(f"mesh: {golden.get('mesh')} -> {current.get('mesh')}")
-  fams = sorted(set(golden["families"]) | set(current["families"]))
-  for family in fams:
-    old = golden["families"].get(family, {}).get("params", {})
-    new = current["families"].get(family, {}).get("params", {})
-    for name in sorted(set(old) | set(new)):
-      where = f"{family}:{name}"
-      if name not in new:
-        changed.append(f"{where}: removed (was {old[name]['spec']})")
-      elif name not in old:
-        changed.append(f"{where}: new parameter {new[name]['shape']} {new[name]['spec']}")
-      elif old[name] != new[name]:
-        was, now = old[name], new[name]
-        n = math.prod(now["shape"])
-        if (n >= large and any(was["spec"]) and not any(now["spec"])
-            and was["shape"] == now["shape"]):
-          flagged.append(f"rule change silently replicates {where} ({n} params): "
-                         f"{was['spec']} -> {now['spec']}")
-        elif was["shape"] == now["shape"]:
-          changed.append(f"{where} {now['shape']}: {was['spec']} -> {now['spec']}")
-        else:
-          changed.append(f"{where}: {was['shape']} {was['spec']} -> {now['shape']} {now['spec']}")
-  return flagged + changed
-
-
-def check_golden(preset: str, current: dict | None = None,
-                 root: pathlib.Path = GOLDEN_DIR) -> str:
-  """'' when `preset`'s sharding matches its golden file, else the message listing the changes."""
-  path = golden_path(preset, root)
-  if not path.exists():
-    return (f"{path} is missing; generate it with "
-            "`python -m sparsejax.parallel.mesh_presets --write-golden`")
-  diffs = compare(json.loads(path.read_text()), current or golden_dump(preset))
-  if not diffs:
-    return ""
-  return (f"sharding of preset {preset!r} differs from {path.name} ({len(diffs)} changes; if "
-          "intended, regenerate with `python -m sparsejax.parallel.mesh_presets "
-          "--write-golden` and review the diff):\n  " + "\n  ".join(diffs))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m sparsejax.parallel.mesh_presets",
-                                   description=__doc__.split("\n")[0])
-  act = parser.add_mutually_exclusive_group(required=True)
-  act.add_argument("--write-golden", action="store_true", help="write tests/golden/sharding/*")
-  act.add_argument("--check", action="store_true", help="compare with tests/golden/sharding/*")
-  act.add_argument("--show", metavar="CONFIG", help="print the sharding of configs/<f>.py:<p>")
-  parser.add_argument("--preset", default=None, help="--show: mesh preset (default: config's)")
-  parser.add_argument("--devices", type=int, default=GOLDEN_DEVICES, help="--show: devices")
-  parser.add_argument("--vocab_size", type=int, default=GOLDEN_VOCAB, help="--show: vocabulary")
-  parser.add_argument("--dir", default=str(GOLDEN_DIR), help="golden directory")
-  args = parser.parse_args(argv)
-  from sparsejax.cli_common import one_line_errors
-  with one_line_errors(parser.prog):
-    return _run(args)
-
-
-def _run(args) -> int:
-  if args.show:
-    from sparsejax.configs_loader import load_config
-    cfg = load_config(args.show, **({"mesh.preset": args.preset} if args.preset is not None
-                                    else {}))
-    table = param_table(cfg, args.devices, args.vocab_size)
-    print(json.dumps({"mesh": table["mesh"]}))
-    for name, entry in table["params"].items():
-      print(json.dumps({"param": name, **entry}))
-    return 0
-  failed = 0
-  for preset in PRESETS:
-    if args.write_golden:
-      path = golden_path(preset, args.dir)
-      path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(format_dump(golden_dump(preset)))
-      print(f"wrote {path}")
-    else:
-      msg = check_golden(preset, root=pathlib.Path(args.dir))
-      print(msg or f"{preset}: matches")
-      failed += bool(msg)
-  return 1 if failed else 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Build the ([dcn,] data, fsdp, expert, tensor) mesh; one size may be -1 (all remaining
+  devices of a slice); a config.mesh.preset is resolved first."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices), num_granules(devices))
+  names, sizes = tuple(shape), tuple(shape.values())
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  if DCN_AXIS in shape:
+    return Mesh(hybrid_device_array(shape, devices), names, axis_types=auto)
+  if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
+    return jax.make_mesh(sizes, names, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(sizes), names)

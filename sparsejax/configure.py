@@ -1,0 +1,92 @@
+"""Config files in, a validated ``Config`` out: the one place that knows both the leaf schema
+(sparsejax.config) and the registered layer families (sparsejax.layers.registry).
+
+    validate(raw)          ConfigDict / dict (e.g. a checkpoint's config.json) -> Config:
+                           core + family sections built and coerced, the mesh preset resolved,
+                           core checks, layer-type names, every used family's check (MoE
+                           top_k <= num_experts, product keys a perfect square, the attention
+                           mask spec parsed, ...). Every failure is one ConfigError line.
+    with_defaults(raw)     every section and field present (config files return this), so any
+                           ``--config.<section>.<key>`` override lands on a key
+    replace(cfg, **dotted) a re-validated copy: replace(cfg, **{"model.d_model": 64})
+    check_resume(saved, cfg)  may a run saved with config dict ``saved`` resume under ``cfg``?
+    load_config_dict(spec) ``"configs/dense.py:tiny"`` -> the file's get_config("tiny")
+    load_config(spec, **dotted)  the two above, validated
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import pathlib
+
+import ml_collections
+
+from sparsejax import config as schema
+from sparsejax.config import Config, ConfigError
+from sparsejax.layers import registry
+from sparsejax.parallel import mesh as mesh_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_log = logging.getLogger("sparsejax")
+
+
+def validate(raw: ml_collections.ConfigDict | dict) -> Config:
+  """Validate a ConfigDict (or plain dict) into a Config; see the module docstring."""
+  cfg = schema.build_config(raw, registry.sections())
+  cfg = dataclasses.replace(cfg, mesh=mesh_lib.resolve(cfg.mesh))  # before the family checks
+  schema.core_checks(cfg)
+  registry.check(cfg)
+  return cfg
+
+
+def with_defaults(raw: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
+  """``raw`` with every core and family section and field present (schema defaults where
+  ``raw`` leaves them out). Keys of ``raw`` win; unknown keys stay and fail validation."""
+  return ml_collections.ConfigDict(schema.defaults_dict(raw, registry.sections()))
+
+
+def replace(cfg: Config, **dotted) -> Config:
+  """A re-validated copy with dotted overrides."""
+  return validate(schema.with_overrides(cfg.to_dict(), dotted))
+
+
+def check_resume(saved: dict, cfg: Config, where: str) -> None:
+  """Refuse to resume a run (saved with config dict ``saved``, in ``where``) whose parameters
+  would not fit: every parameter-shaping field of every section in use (the families' ``shapes``)
+  is compared, and the first change is one ConfigError line naming its dotted key. Other changes
+  (remat, learning rate, kernels, ...) are allowed and logged."""
+  shaping, other = schema.resume_changes(saved, cfg, registry.resume_sections(cfg))
+  if shaping:
+    raise ConfigError(f"{shaping[0]}: it shapes the parameters of the run in {where}; use a "
+                      "new --workdir or the checkpoint's value")
+  for line in other:
+    _log.warning("resuming %s with a changed setting: %s", where, line)
+
+
+def config_path(path: str) -> pathlib.Path:
+  p = pathlib.Path(path)
+  if not p.exists() and (REPO_ROOT / p).exists():
+    p = REPO_ROOT / p
+  if not p.exists():
+    raise FileNotFoundError(f"config file {path} not found (relative to the current directory "
+                            f"or {REPO_ROOT})")
+  return p
+
+
+def load_config_dict(spec: str) -> ml_collections.ConfigDict:
+  """``"configs/dense.py:tiny"`` -> the file's ``get_config("tiny")`` (``get_config()`` without
+  an argument). Config files use it to start from another file's preset."""
+  path, _, arg = spec.partition(":")
+  p = config_path(path)
+  module_spec = importlib.util.spec_from_file_location(f"sparsejax_config_{p.stem}", p)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def load_config(spec: str, **overrides) -> Config:
+  """Validated Config; overrides are dotted keys: load_config(..., **{"train.steps": 5})."""
+  raw = load_config_dict(spec).to_dict()
+  return validate(schema.with_overrides(raw, overrides) if overrides else raw)

@@ -1,0 +1,87 @@
+"""A sweep's ``ROOT/<name>/record.json`` files: reading, writing, the smoothed eval loss, and the
+constants they share. Standard library only (no jax, flax, optax, nor a module that imports
+them), so ``python -m sparsejax.scaling.analyze`` reads records without loading the training
+stack.
+
+Record keys (written by sparsejax.sweep.runner; ``load_records`` reads them all):
+  name, run_id (name@config_hash[:12]), config_hash, family, base, overrides, seed, status
+  ("running", "done", "incomplete" or "failed" with ``error``), steps, final_step, tokens,
+  params_total, params_active_per_token, params_active_avg (see
+  ``sparsejax.sweep.runner.params_active_avg``), flops_per_token, total_flops, flops_convention
+  (analytic, sparsejax.models.accounting), xla_flops_per_step, xla_flops_devices, xla_flops_total
+  (= per step x devices x steps), xla_flops_convention (XLA_FLOPS_CONVENTION), eval_loss
+  (final), eval_loss_smoothed, eval_loss_smoothed_steps, eval_loss_smoothing (see
+  ``smoothed_eval_loss``), eval_bits_per_byte, wall_s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+RECORD = "record.json"
+LOG = "sweep.log"
+FLOPS_CONVENTION = "6N+attention (sparsejax.models.accounting)"
+XLA_FLOPS_CONVENTION = (
+    "XLA cost_analysis of the compiled train step (gradient accumulation 1), per device: includes "
+    "remat recomputation, masked attention entries computed densely, MoE capacity padding and "
+    "dispatch, norms, softmax, loss and the optimizer update; excludes transcendentals (counted "
+    "apart by XLA), gathers / scatters (0 FLOPs) and custom calls (cuDNN, Pallas kernels)")
+SMOOTH_EVALS = 3
+_RECORD_KEYS = ("name", "config_hash", "family", "base", "overrides", "status")
+
+
+def read_record(path: pathlib.Path) -> dict:
+  """A record.json, checked; raises ValueError with the reason if malformed or partial."""
+  try:
+    rec = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"unreadable JSON: {e}") from e
+  if not isinstance(rec, dict):
+    raise ValueError(f"not a JSON object: {type(rec).__name__}")
+  missing = [k for k in _RECORD_KEYS if k not in rec]
+  if missing:
+    raise ValueError(f"missing keys {missing}")
+  return rec
+
+
+def load_records(root: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
+  """All ``ROOT/*/record.json``: (records, problems); problems are (file, reason) pairs."""
+  records, problems = [], []
+  for path in sorted(pathlib.Path(root).glob(f"*/{RECORD}")):
+    try:
+      records.append(read_record(path))
+    except ValueError as e:
+      problems.append((str(path), str(e)))
+  return records, problems
+
+
+def write_record(workdir: pathlib.Path, rec: dict) -> None:
+  """Write ``WORKDIR/record.json`` atomically (a temporary file, then a rename)."""
+  tmp = workdir / (RECORD + ".tmp")
+  tmp.write_text(json.dumps(rec, indent=1, sort_keys=True))
+  os.replace(tmp, workdir / RECORD)
+
+
+def smoothed_eval_loss(workdir: str | os.PathLike, k: int = SMOOTH_EVALS
+                       ) -> tuple[float | None, list[int]]:
+  """Mean of the eval losses at the last `k` eval points of ``metrics.jsonl`` (the final eval
+  included) and their steps; (None, []) if there was no eval. Eval points come from
+  ``config.train.eval_every_steps`` plus the final eval: with only the final one this is the
+  final loss. k > 1 lowers the noise of a single eval set at the price of a bias towards the
+  earlier (higher) losses while the loss still falls; k = 1 is the final eval loss."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  evals: dict[int, float] = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if "eval/loss" in rec:
+        evals[int(rec["step"])] = float(rec["eval/loss"])  # a re-run's eval replaces the old
+  steps = sorted(evals)[-max(int(k), 1):]
+  if not steps:
+    return None, []
+  return sum(evals[s] for s in steps) / len(steps), steps

@@ -1,0 +1,24 @@
+"""Every family's tiny preset trains to the recorded losses (tests/golden/family_losses.json):
+refactors must not change the numbers. Regenerate only after an intended numerical change with
+``python tests/golden_losses.py --write`` and say why in the commit."""
+
+import json
+
+import pytest
+
+import golden_losses as gl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(gl.CASES))
+def test_family_losses_match_golden(name, default_dataset, tmp_path):
+  golden = json.loads(gl.GOLDEN.read_text())
+  current = {name: gl.run_case(name, tmp_path)}
+  assert not gl.compare(golden, current), gl.compare(golden, current)
+
+
+def test_compare_flags_a_changed_loss():
+  golden = {"x": {"loss": [1.0, 2.0], "eval_loss": 3.0}}
+  assert gl.compare(golden, {"x": {"loss": [1.0, 2.0], "eval_loss": 3.0}}) == []
+  diffs = gl.compare(golden, {"x": {"loss": [1.0, 2.001], "eval_loss": 3.0}})
+  assert diffs == ["x: loss at step 2 2.001 differs from golden 2.0"]
