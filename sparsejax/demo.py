@@ -35,7 +35,7 @@ def main(argv) -> None:
     t2 = time.perf_counter()
     print(f"[2/3] trained {cfg.name} to step {result.step} in {t2 - t1:.0f} s "
           f"(train loss {result.last_metrics.get('loss', float('nan')):.3f})", flush=True)
-    ev = evaluate(result.workdir)
+    ev = evaluate(result.workdir, progress=True)
     print(f"[3/3] eval: {json.dumps(ev)}")
     wd = result.workdir.resolve()
     print(f"\nworkdir      {wd}\n"

@@ -59,7 +59,7 @@ def loss_fn(graphdef):
 
 def loss_and_grads(cfg, data, mesh=None):
   graphdef, state = nnx.split(build_model(cfg, VOCAB, seed=3))
-  params = state.to_pure_dict()
+  params = nnx.to_pure_dict(state)
   fn = jax.value_and_grad(loss_fn(graphdef))
   if mesh is None:
     return jax.jit(fn)(params, data)

@@ -149,10 +149,9 @@ def test_a_failed_process_stops_its_peers(tmp_path):
       time.sleep(120)
   """) + [str(tmp_path)]
   err = io.StringIO()
-  start = time.monotonic()
   rc = lmp.launch(child, 3, port=1, grace=0.3, timeout=60, pid_dir=tmp_path, out=io.StringIO(),
                   err=err)
-  assert rc == 5 and time.monotonic() - start < 30
+  assert rc == 5  # process 0's status: the launcher stopped the sleeping peers (below), no timeout
   text = err.getvalue()
   assert "process 0 (pid" in text and "exited with status 5" in text
   assert "process(es) 1 ignored SIGTERM; SIGKILL" in text
@@ -164,10 +163,9 @@ def test_a_failed_process_stops_its_peers(tmp_path):
 def test_timeout_stops_everything_with_124(tmp_path):
   child = _py("import time; time.sleep(120)")
   err = io.StringIO()
-  start = time.monotonic()
   rc = lmp.launch(child, 2, port=1, timeout=0.5, grace=0.3, pid_dir=tmp_path,
                   out=io.StringIO(), err=err)
-  assert rc == 124 and time.monotonic() - start < 30
+  assert rc == 124
   assert "--timeout 0.5" in err.getvalue()
   assert not any(_alive(p) for p in json.loads((tmp_path / "pids.json").read_text())["pids"])
 

@@ -40,7 +40,7 @@ def tiny(**overrides):
 
 def split(model):
   graphdef, state = nnx.split(model)
-  return graphdef, state.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state)
 
 
 def fresh_state(params, optimizer):

@@ -222,7 +222,7 @@ def test_values_use_their_own_optimizer_group():
                       "memory.value_weight_decay": 0.0, "optim.warmup_steps": 0})
   model = build_model(cfg, VOCAB)
   graphdef, state = nnx.split(model)
-  params = state.to_pure_dict()
+  params = nnx.to_pure_dict(state)
   labels = {jax.tree_util.keystr(p): v
             for p, v in jax.tree_util.tree_leaves_with_path(param_groups(params))}
   assert [k for k, v in labels.items() if v == "memory_values"] == [
@@ -302,7 +302,7 @@ def test_value_tables_shard_by_column_and_sharded_forward_matches():
   assert flat["['blocks'][0]['ffn']['experts_out_NxD']"].spec == P(None, "tensor")
   model = build_model(cfg, VOCAB)
   graphdef, state = nnx.split(model)
-  params = state.to_pure_dict()
+  params = nnx.to_pure_dict(state)
   tok = tokens((2, 16), seed=11)
 
   def forward(p):

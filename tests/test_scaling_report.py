@@ -163,8 +163,10 @@ def test_sparse_laws_skipped_with_reason(cli_run):
   assert data["sparse_laws"]["granularity"]["fits"] == []
 
 
-def test_fit_output_is_deterministic(sweep_root, tmp_path, capsys):
-  # In-process run with another --out: same fits to full precision, same PNG bytes.
+def test_fit_output_is_deterministic(cli_run, sweep_root, tmp_path, capsys):
+  # In-process run with another --out: same fits to full precision, same PNG bytes as the
+  # subprocess run (cli_run writes sweep_root/report; needed here, not just earlier by chance).
+  assert cli_run[0].returncode == 0, cli_run[0].stderr
   assert fitcli.main(["--root", str(sweep_root), "--out", str(tmp_path), "--bootstrap", "30",
                       "--sparse", "none"]) == 0
   a = json.loads((tmp_path / "fits.json").read_text())

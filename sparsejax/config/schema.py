@@ -107,6 +107,9 @@ class TrainConfig:
   checkpoint_every_steps: int = 100
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
+  # a checkpoint save that fails (disk full, storage error): "stop" the run with one line (the
+  # committed checkpoints are intact), or "warn" and keep training (the next save tries again)
+  on_save_error: str = field("stop", "stop", "warn")
   max_nonfinite_in_a_row: int = 5
   stop_at_step: int = 0          # >0: save and stop at this step (a time slot); schedule unchanged
   peak_tflops_per_device: float = 0.0  # 0: looked up from the device kind (for MFU)

@@ -22,10 +22,10 @@ from sparsejax.data.prepare import (default_dataset_dir,
                                     ensure_default_dataset, prepare)
 from sparsejax.data.dataset import (TokenDataset, WindowSource,
                                     make_eval_batches, make_train_iterator,
-                                    resolve_eval_data)
+                                    num_eval_batches, resolve_eval_data)
 
 __all__ = [
     "Tokenizer", "get_tokenizer", "tokenizer_from_spec", "TokenDataset",
-    "WindowSource", "make_train_iterator", "make_eval_batches", "prepare",
+    "WindowSource", "num_eval_batches", "make_train_iterator", "make_eval_batches", "prepare",
     "ensure_default_dataset", "default_dataset_dir", "resolve_eval_data",
 ]

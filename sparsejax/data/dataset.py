@@ -210,24 +210,33 @@ def make_train_iterator(path: str | os.PathLike, *, seq_len: int,
   return it
 
 
+def num_eval_batches(path: str | os.PathLike, *, seq_len: int, batch_size: int,
+                     split: str = "val") -> int:
+  """Batches of ``batch_size`` windows that cover ``split`` once (the last one padded)."""
+  return -(-len(WindowSource(path, seq_len, split)) // batch_size)
+
+
 def make_eval_batches(path: str | os.PathLike, *, seq_len: int,
                       batch_size: int, split: str = "val",
                       max_batches: int | None = None) -> list[dict]:
-  """Unshuffled windows from the start of ``split``, in batches.
+  """Unshuffled windows of ``split``, in batches: all of them, or ``max_batches`` batches
+  spread evenly over the split (so that a subset estimates the whole split, not its start).
 
-  Every window (up to ``max_batches * batch_size``) appears exactly once.
-  Each batch has ``inputs``/``targets`` ``int32[batch_size, seq_len]`` and
-  ``weights`` ``float32[batch_size, seq_len]``: ones for real windows, zeros
-  for the padding rows that fill a last partial batch.
+  Every window appears at most once. Each batch has ``inputs``/``targets``
+  ``int32[batch_size, seq_len]`` and ``weights`` ``float32[batch_size, seq_len]``: ones for
+  real windows, zeros for the padding rows that fill a last partial batch.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   source = WindowSource(path, seq_len, split)
   num_windows = len(source)
-  if max_batches is not None:
-    num_windows = min(num_windows, max_batches * batch_size)
+  total = -(-num_windows // batch_size)
+  chosen = range(total)
+  if max_batches is not None and max_batches < total:
+    chosen = sorted({int(round(x)) for x in np.linspace(0, total - 1, max(max_batches, 1))})
   batches = []
-  for start in range(0, num_windows, batch_size):
+  for b in chosen:
+    start = b * batch_size
     rows = min(batch_size, num_windows - start)
     windows = np.zeros((batch_size, seq_len + 1), dtype=np.int32)
     windows[:rows] = source.dataset.window(start * seq_len,

@@ -31,6 +31,7 @@ import time
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from sparsejax.data import corpus
 from sparsejax.data import tokenizers as toks
@@ -222,7 +223,10 @@ def _build(folder: pathlib.Path, docs: SplitDocs, source: str,
     shutil.copyfile(tok.path, folder / tok.file_name)
   dtype = np.dtype(np.uint16 if tok.vocab_size <= 65535 else np.uint32)
   writers = {s: _SplitWriter(folder, s, dtype, shard_tokens) for s in splits}
+  bar = tqdm(desc=f"tokenizing ({tok.name})", unit="doc", mininterval=2.0, file=sys.stderr)
   for batch in _text_batches(docs()):
+    bar.update(len(batch))
+    bar.set_postfix(MB=f"{sum(w.num_bytes for w in writers.values()) / 1e6:.1f}")
     ids_list = tok.encode_batch([text for _, text in batch])
     for split, writer in writers.items():
       rows = [i for i, (s, _) in enumerate(batch) if s == split]
@@ -235,6 +239,7 @@ def _build(folder: pathlib.Path, docs: SplitDocs, source: str,
       num_bytes = sum(len(batch[i][1].encode("utf-8", errors="replace"))
                       for i in rows)
       writer.add(tokens, num_bytes, len(rows))
+  bar.close()
   if not any(w.num_docs for w in writers.values()):
     raise ValueError(f"no documents found in {source} (folders are scanned "
                      "for text files such as .txt .md .py .jsonl)")

@@ -1,4 +1,5 @@
-"""python -m sparsejax.eval --workdir DIR [--step N] [--data PATH] -> one JSON line.
+"""python -m sparsejax.eval --workdir DIR [--step N] [--data PATH] [--max_batches N] -> one JSON
+line, with a progress bar on stderr while it runs.
 
 Reads the multi-process environment like ``python -m sparsejax.train`` (see
 sparsejax.parallel.distributed); with several processes all evaluate, process 0 prints.
@@ -16,7 +17,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoin
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest committed)")
 _DATA = flags.DEFINE_string("data", None, "Text file, folder, .jsonl or prepared dataset "
                             "(default: the training dataset's val split)")
-_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "Evaluate at most this many batches")
+_MAX_BATCHES = flags.DEFINE_integer(
+    "max_batches", None, "Evaluate this many batches spread over the split instead of all of "
+    "it (a large --data folder can take many minutes; the result says 'batches' of "
+    "'split_batches')")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per eval batch (default: training's)")
 
 
@@ -32,7 +36,7 @@ def main(argv) -> None:
     import jax
     from sparsejax.eval.checkpoint import evaluate  # defers jax (see above)
     result = evaluate(_WORKDIR.value, step=_STEP.value, data=_DATA.value,
-                      max_batches=_MAX_BATCHES.value, batch_size=_BATCH.value)
+                      max_batches=_MAX_BATCHES.value, batch_size=_BATCH.value, progress=True)
     if jax.process_index() == 0:
       print(json.dumps(result))
 

@@ -42,8 +42,10 @@ def _fit_mesh(mesh_cfg: MeshConfig, n: int) -> MeshConfig:
 
 def evaluate(workdir: str | pathlib.Path, *, step: int | None = None, data: str | None = None,
              max_batches: int | None = None, batch_size: int | None = None,
-             devices: list | None = None) -> dict:
-  """One checkpoint's loss / perplexity / bits-per-byte on `data` (default: val split)."""
+             devices: list | None = None, progress: bool = False) -> dict:
+  """One checkpoint's loss / perplexity / bits-per-byte on `data` (default: val split): every
+  window, or `max_batches` batches spread over it ("batches" of "split_batches" in the result).
+  `progress`: a tqdm bar with tokens so far and time left."""
   devices = list(devices) if devices is not None else jax.devices()
   workdir = pathlib.Path(workdir)
   if not (workdir / "checkpoints").is_dir():
@@ -88,6 +90,9 @@ def evaluate(workdir: str | pathlib.Path, *, step: int | None = None, data: str 
   with shd.activation_sharding(mesh, rules):
     eval_fn = jax.jit(make_eval_step(spec.graphdef),
                       in_shardings=(shardings["params"], batch_sh))
-    result = evaluate_params(eval_fn, state["params"], batches, batch_sh, ds.bytes_per_token)
+    result = evaluate_params(eval_fn, state["params"], batches, batch_sh, ds.bytes_per_token,
+                             progress=progress)
+  total = sdata.num_eval_batches(dataset_dir, seq_len=cfg.data.seq_len, batch_size=bs,
+                                 split=split)
   return {"step": step, "data": str(dataset_dir), "split": split, **result,
-          "devices": len(devices)}
+          "batches": len(batches), "split_batches": total, "devices": len(devices)}

@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from sparsejax.models.forward import forward_sums
 from sparsejax.parallel.sharding import global_batch
@@ -42,12 +43,15 @@ def summarize_eval(sums: dict[str, float], bytes_per_token: float) -> dict[str, 
 
 
 def evaluate_params(eval_fn, params, batches, sharding, bytes_per_token: float,
-                    on_batch=None) -> dict:
+                    on_batch=None, progress: bool = False) -> dict:
   """Run the jitted eval step over host batches and reduce to loss / ppl / bits-per-byte, plus
   key usage (touched fraction, KL from uniform) for every sown ``usage*`` count vector.
-  Every process passes the same full batches. ``on_batch(i)`` after each (a watchdog beat)."""
+  Every process passes the same full batches. ``on_batch(i)`` after each (a watchdog beat);
+  ``progress``: a tqdm bar (batches, tokens so far, time left) on process 0."""
   totals = {"ce_sum": 0.0, "count": 0.0, "correct": 0.0}
   usage: dict[str, np.ndarray] = {}
+  bar = (tqdm(total=len(batches), desc="eval", unit="batch", mininterval=2.0)
+         if progress and jax.process_index() == 0 else None)
   for i, batch in enumerate(batches):
     sums = jax.device_get(eval_fn(params, global_batch(batch, sharding, len(batch["inputs"]))))
     if on_batch is not None:
@@ -56,6 +60,12 @@ def evaluate_params(eval_fn, params, batches, sharding, bytes_per_token: float,
       totals[k] += float(sums[k])
     for k, v in sums["usage"].items():
       usage[k] = usage.get(k, 0) + np.asarray(v, np.float64)
+    if bar is not None:
+      bar.set_postfix(tokens=f"{totals['count']:.0f}",
+                      loss=f"{totals['ce_sum'] / max(totals['count'], 1.0):.3f}")
+      bar.update(1)
+  if bar is not None:
+    bar.close()
   result = summarize_eval(totals, bytes_per_token)
   for k, counts in usage.items():
     for name, value in usage_summary(counts).items():

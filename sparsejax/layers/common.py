@@ -9,6 +9,12 @@ from flax import nnx
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def sow(module: nnx.Module, name: str, value) -> None:
+  """Report ``value`` under ``name`` to an enclosing ``nnx.capture(nnx.Intermediate)`` (the train
+  and eval steps); a no-op outside one, so a plain ``model(tokens)`` call stores nothing."""
+  module.sow(nnx.Intermediate, name, value, capture_noop=True)
+
+
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str | None, ...],
           *, std: float, dtype=jnp.float32) -> nnx.Param:
   """A normally initialised parameter (truncated at 3 std) carrying its logical axis names."""

@@ -46,7 +46,7 @@ from kernels_pallas.gather_sum.ops import gather_sum
 from sparsejax.config import field
 from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
-from sparsejax.layers.common import DTYPES, param
+from sparsejax.layers.common import DTYPES, param, sow
 from sparsejax.layers.family import Family, LayerCost, ParamGroup
 from sparsejax.parallel.sharding import constrain
 
@@ -190,7 +190,7 @@ class MemoryLayer(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     weights, idx = self.retrieve(x_BxTxD, softmax=True)
-    self.sow(nnx.Intermediate, "usage_slots", pk.usage_counts(idx, self.num_slots))
+    sow(self, "usage_slots", pk.usage_counts(idx, self.num_slots))
     mem = self.read(weights, idx)
     y = self.output(x_BxTxD, mem)
     return constrain(y, ("act_batch", "act_length", "act_embed"))

@@ -62,7 +62,7 @@ from jax.sharding import PartitionSpec as P
 
 from sparsejax.config import ConfigError, field
 from sparsejax.layers import kernel_impl, routers
-from sparsejax.layers.common import DTYPES, param
+from sparsejax.layers.common import DTYPES, param, sow
 from sparsejax.layers.ffn import ACTIVATIONS
 from sparsejax.layers.family import Family, LayerCost
 from sparsejax.layers.moe_dispatch import (capacity, capacity_local, dropless, dropless_sharded,
@@ -266,16 +266,16 @@ class MoE(nnx.Module):
     aux = jnp.zeros((), jnp.float32)
     for name, value in losses.items():
       aux = aux + dict(self.coef)[name] * value
-      self.sow(nnx.Intermediate, name, value)
-    self.sow(nnx.Intermediate, "aux_loss", aux)
-    self.sow(nnx.Intermediate, "expert_load", load_E)
-    self.sow(nnx.Intermediate, "load_max_over_mean", jnp.max(load_E) * e)
+      sow(self, name, value)
+    sow(self, "aux_loss", aux)
+    sow(self, "expert_load", load_E)
+    sow(self, "load_max_over_mean", jnp.max(load_E) * e)
     if self.buffer_expert_bias_E is not None:
       bias = self.buffer_expert_bias_E[...]
-      self.sow(nnx.Intermediate, "update__buffer_expert_bias_E",
-               routers.update_expert_bias(bias, load_E, self.bias_rate) - bias)
+      sow(self, "update__buffer_expert_bias_E",
+          routers.update_expert_bias(bias, load_E, self.bias_rate) - bias)
     for name, value in metrics.items():
-      self.sow(nnx.Intermediate, name, value)
+      sow(self, name, value)
     return y.astype(x_BxTxD.dtype)
 
 

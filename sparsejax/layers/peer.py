@@ -36,7 +36,7 @@ from kernels_pallas.gather_sum.ops import gather_dot, gather_sum, peer_ffn
 from sparsejax.config import field
 from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
-from sparsejax.layers.common import DTYPES, param
+from sparsejax.layers.common import DTYPES, param, sow
 from sparsejax.layers.family import Family, LayerCost
 from sparsejax.parallel.sharding import constrain
 
@@ -129,7 +129,7 @@ class PEER(nnx.Module):
     dt = self.dtype
     fused_softmax = self.score == "softmax"
     scores, idx_BxTxHxK = self.retrieve(x_BxTxD, softmax=fused_softmax)
-    self.sow(nnx.Intermediate, "usage_experts", pk.usage_counts(idx_BxTxHxK, self.num_experts))
+    sow(self, "usage_experts", pk.usage_counts(idx_BxTxHxK, self.num_experts))
     g = scores if fused_softmax else self.gates(scores)
     if self.impl != "xla":
       y = self._experts_kernel(x_BxTxD, idx_BxTxHxK, g).astype(dt)

@@ -53,6 +53,7 @@ import pathlib
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 from sparsejax.scaling import report, sparse_laws
 from sparsejax.scaling.family_fits import FitError, fit_family
@@ -137,7 +138,8 @@ def collect(root, loss: str = "eval_loss", n_field: str = "params_active_per_tok
   return rows, problems
 
 
-def analyze(root, *, loss: str = "eval_loss", n_field: str = "params_active_per_token",
+def analyze(root, *, progress: bool = False, loss: str = "eval_loss",
+            n_field: str = "params_active_per_token",
             huber_delta: float = 1e-3, bootstrap: int = 100, seed: int = 0,
             budget_tol: float = 0.3, sparse: str = "auto") -> dict:
   """Everything the report shows, as one JSON-able dict (NaN kept; ``to_json`` maps it to null).
@@ -162,7 +164,10 @@ def analyze(root, *, loss: str = "eval_loss", n_field: str = "params_active_per_
   by_family = dict(sorted(by_family.items()))
   with sparse_laws.single_threaded_blas():
     families = {f: fit_family(rs, huber_delta=huber_delta, bootstrap=bootstrap, seed=seed,
-                              budget_tol=budget_tol) for f, rs in by_family.items()}
+                              budget_tol=budget_tol)
+                for f, rs in tqdm(by_family.items(), desc=f"fitting ({bootstrap} bootstrap "
+                                  "resamples per family)", unit="family", file=sys.stderr,
+                                  disable=not progress)}
   return {
       "root": str(root),
       "conventions": {"N": N_FIELDS[n_field], "n_field": n_field, "D": "D = training tokens",
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
   a = ap.parse_args(argv)
   prog = "sparsejax.scaling.analyze"
   try:
-    result = analyze(a.root, loss=a.loss, n_field=a.n_field, huber_delta=a.huber_delta,
+    result = analyze(a.root, progress=True, loss=a.loss, n_field=a.n_field, huber_delta=a.huber_delta,
                      bootstrap=a.bootstrap, seed=a.seed, budget_tol=a.budget_tol,
                      sparse=a.sparse)
   except FitError as e:

@@ -7,10 +7,15 @@ Layout of a workdir:
     commits/<step>.json                     written only after the save has fully finished;
                                             holds a manifest (relative path -> size in bytes)
 
-A step without a commit marker (torn: the process died mid-save) or whose files no longer match
-its manifest (truncated / deleted files) is skipped with a warning and never restored; the
-previous committed step is used instead. Saves are asynchronous; markers are written once Orbax
-reports the save finished (checked at every step boundary and at exit).
+Orbax says when a step's save has finished: it finalises the step directory (writes its
+``commit_success.txt``; on file systems with atomic rename, renames it into place) only after every
+file of that step is written. A step gets its marker as soon as Orbax has finalised it, whatever
+later saves are doing (checked at every step boundary, after each save and at exit), and a
+relaunch adopts a finalised step whose marker the killed process did not get to write. So a hard
+kill costs at most the steps since the last finished save (docs/crash_safety.md lists every
+window). A step that Orbax never finalised (the process died mid-save) is moved to
+``quarantine/``; a marked step whose files no longer match its manifest (truncated / deleted
+files) is skipped with a warning and never restored, and the previous committed step is used.
 
 Several processes (jax.distributed): every process calls ``save`` (each writes its own shards;
 Orbax's finalize waits at a barrier for all of them before the step directory appears) and
@@ -31,10 +36,21 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import utils as ocp_utils
 
 from sparsejax.errors import CheckpointError
 
 _log = logging.getLogger(__name__)
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _move(src: pathlib.Path, dst: pathlib.Path) -> None:
+  os.replace(src, dst)
 
 
 def _manifest(step_dir: pathlib.Path) -> dict[str, int]:
@@ -60,7 +76,8 @@ def _barrier(name: str) -> None:
 
 
 class Checkpointer:
-  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+               on_error: str = "stop"):
     self.workdir = pathlib.Path(workdir)
     self.root = self.workdir / "checkpoints"
     self.commits = self.workdir / "commits"
@@ -71,63 +88,133 @@ class Checkpointer:
     self.mngr = _Manager(self.root.absolute(), options=options,
                          item_names=("state", "data", "meta"))
     self._pending: list[int] = []
+    self.on_error = on_error  # "stop": a failed save raises CheckpointError; "warn": logged
 
   # ---- saving ----
   def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+    """Start an (asynchronous) save of ``step``. Orbax first waits for the previous save to
+    finish, so every earlier pending step is final (or failed) when this returns."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta))
-    self.mngr.save(step, args=args, force=True)
-    self._pending.append(step)
+    for attempt in (0, 1):
+      try:
+        self.mngr.save(step, args=args, force=True)
+      except Exception as e:  # the previous save's error surfaces here, or this save's own
+        self._save_failed(step, e)  # raises unless on_error == "warn"
+        if attempt == 0 and not self.mngr.is_saving_in_progress():
+          continue  # warn: the error was the previous save's; try this step once more
+      else:
+        self._pending.append(step)
+      break
     self.commit_finished()
+
+  def _save_failed(self, step: int, error: Exception) -> None:
+    """``step``: the save being started (or waited for); the failed one is the oldest pending
+    step Orbax never finalised, else ``step`` itself."""
+    failed = next((s for s in self._pending if not self.finalized(s)), step)
+    self.commit_finished()
+    committed = self.committed_steps()
+    last = committed[-1] if committed else None
+    msg = (f"checkpoint save of step {failed} failed: {type(error).__name__}: "
+           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}; committed "
+           f"steps {committed} are intact (the last, {last}, is where a re-run resumes)")
+    self._pending = [s for s in self._pending if self.finalized(s)]
+    if self.on_error == "warn":
+      _log.error("%s; config.train.on_save_error='warn': training continues", msg)
+      return
+    raise CheckpointError(msg + "; free space or fix the storage, then re-run the same "
+                          "command (or set config.train.on_save_error=warn to keep training)"
+                          ) from error
+
+  def finalized(self, step: int) -> bool:
+    """Orbax has finished writing ``step`` (its directory is final and complete)."""
+    step_dir = self.root / str(step)
+    return step_dir.is_dir() and bool(ocp_utils.is_checkpoint_finalized(step_dir))
+
+  def _write_marker(self, step: int) -> None:
+    if jax.process_index() != 0:
+      return
+    _atomic_write(self.commits / f"{step}.json",
+                  json.dumps({"step": step, "files": _manifest(self.root / str(step))}))
 
   def commit_finished(self) -> None:
-    """Write commit markers for saves that have fully finished (cheap; call every step)."""
-    if not self._pending or self.mngr.is_saving_in_progress():
-      return
+    """Write the commit marker of every pending step Orbax has finalised, whatever later saves
+    are doing (cheap; call every step)."""
+    still = []
     for step in self._pending:
-      step_dir = self.root / str(step)
-      if step_dir.is_dir() and jax.process_index() == 0:
-        tmp = self.commits / f".{step}.json.tmp"
-        tmp.write_text(json.dumps({"step": step, "files": _manifest(step_dir)}))
-        os.replace(tmp, self.commits / f"{step}.json")
-    self._pending.clear()
+      if self.finalized(step):
+        self._write_marker(step)
+      else:
+        still.append(step)
+    self._pending = still
 
   def wait(self) -> None:
-    self.mngr.wait_until_finished()
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:  # an asynchronous save failed
+      self._save_failed(self._pending[-1] if self._pending else -1, e)
     self.commit_finished()
+    if self._pending and not self.mngr.is_saving_in_progress():
+      # Orbax logged the failure and never finalised these steps
+      self._save_failed(self._pending[-1], RuntimeError("the save did not finalise; see the "
+                                                        "Orbax error in the log"))
 
   def close(self) -> None:
     self.wait()
     self.mngr.close()
 
-  def quarantine_after(self, step: int | None) -> None:
-    """Move every step after `step` (torn or corrupt ones we are not resuming from) out of the
-    way, into ``quarantine/``, so new saves of those step numbers can proceed. Nothing is
-    deleted. With several processes all must call it (process 0 moves, all re-list)."""
-    later = [s for s in self.mngr.all_steps() if step is None or s > step]
-    if later and jax.process_index() == 0:
+  def _step_dirs(self) -> list[int]:
+    """Every step directory, finalised or not."""
+    if not self.root.is_dir():
+      return []
+    return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit() and p.is_dir())
+
+  def quarantine(self, steps: list[int]) -> None:
+    """Move ``steps`` out of the way into ``quarantine/`` so new saves of those step numbers
+    can proceed. Nothing is deleted. With several processes all must call it (process 0 moves,
+    all re-list)."""
+    if steps and jax.process_index() == 0:
       qdir = self.workdir / "quarantine"
       qdir.mkdir(exist_ok=True)
-      for s in later:
-        dest = qdir / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+      for s in steps:
+        dest = qdir / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}"
         _log.warning("moving unusable checkpoint step %d to %s", s, dest)
-        os.replace(self.root / str(s), dest)
+        _move(self.root / str(s), dest)
+        # a kill between the two leaves a marker without its step: dropped by adopt_finalized
         (self.commits / f"{s}.json").unlink(missing_ok=True)
     _barrier("quarantine")
     self.mngr.reload()
 
+  def adopt_finalized(self) -> None:
+    """Write the missing marker of every step Orbax finalised (a process killed between the
+    end of a save and its marker). Only for the run's own restart: nothing else is saving."""
+    if jax.process_index() != 0:
+      return
+    steps = set(self._step_dirs())
+    for marker in self.commits.glob("*.json"):
+      if marker.stem.isdigit() and int(marker.stem) not in steps:
+        marker.unlink()  # its step was quarantined (the process died before this unlink)
+    for step in sorted(steps):
+      if self.finalized(step) and not (self.commits / f"{step}.json").exists():
+        _log.warning("adopting checkpoint step %d: its save finished but its commit marker "
+                     "was not written (the process died in between)", step)
+        self._write_marker(step)
+
   def resume_step(self) -> int | None:
     """The latest committed step (process 0's view, shared with all processes: a file system
-    seen at slightly different moments must not split the job), with later steps quarantined.
+    seen at slightly different moments must not split the job), after adopting finalised
+    steps without a marker; unfinalised steps and steps after the chosen one are quarantined.
     Call on every process."""
+    self.adopt_finalized()
     latest = self.latest_step()
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       agreed = int(multihost_utils.broadcast_one_to_all(
           np.int32(-1 if latest is None else latest)))
       latest = None if agreed < 0 else agreed
-    self.quarantine_after(latest)
+    self.quarantine([s for s in self._step_dirs()
+                     if not self.finalized(s) or (latest is None or s > latest)])
     return latest
 
   # ---- restoring ----
@@ -135,8 +222,8 @@ class Checkpointer:
     marker = self.commits / f"{step}.json"
     step_dir = self.root / str(step)
     if not marker.exists():
-      _log.warning("checkpoint step %d in %s has no commit marker (torn or interrupted save); "
-                   "ignoring it", step, self.root)
+      _log.warning("checkpoint step %d in %s has no commit marker (its save has not finished, "
+                   "or was interrupted); ignoring it", step, self.root)
       return False
     try:
       expected = json.loads(marker.read_text())["files"]

@@ -116,7 +116,8 @@ class _Run:
     self.spec = model_spec(cfg, vocab)
     self.optimizer = make_optimizer(cfg)
     self.ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
-                             async_save=cfg.train.async_checkpoint)
+                             async_save=cfg.train.async_checkpoint,
+                             on_error=cfg.train.on_save_error)
     self.writer = MetricWriter(workdir)
     self.counts = accounting.count(self.spec.abstract_model, cfg)
     self.peak = hardware.peak_tflops(self.devices[0].device_kind,
@@ -151,6 +152,7 @@ class _Run:
                 latest, ckpt.root, saved_meta.get("process_count", 1), saved_meta.get("mesh"))
     else:
       self.state, self.shardings = init_state(self.spec, self.mesh, self.optimizer)
+      self.writer.truncate_after(-1)  # a run killed before its first save starts over
     self.start = int(jax.device_get(self.state["step"]))
     self.it = sdata.make_train_iterator(self.dataset_dir, seq_len=cfg.data.seq_len,
                                         global_batch_size=cfg.data.global_batch_size,
@@ -170,6 +172,9 @@ class _Run:
     self.val_batches = _val_batches(self.dataset_dir, cfg)
     self.val_bpt = (sdata.TokenDataset(self.dataset_dir, "val").bytes_per_token
                     if self.val_batches else 1.0)
+    self.val_total = (sdata.num_eval_batches(self.dataset_dir, seq_len=cfg.data.seq_len,
+                                             batch_size=cfg.data.global_batch_size)
+                      if self.val_batches else 0)
 
   # ---- hooks ----
   def save(self, step_no: int) -> None:
@@ -189,9 +194,13 @@ class _Run:
                                self.batch_sh, self.val_bpt,
                                on_batch=lambda i: self.watchdog.beat(
                                    f"eval batch {i + 1} at step {step_no}"))
-    self.writer.write(step_no, dict(result), prefix="eval/")
+    # A subset of the split unless eval_batches covers it: say which, in the log and metrics
+    # (python -m sparsejax.eval evaluates the whole split by default).
+    result = {**result, "batches": len(self.val_batches), "split_batches": self.val_total}
+    self.writer.write(step_no, result, prefix="eval/")
     if self.is_chief:
-      _log.info("eval step %d: %s", step_no, json.dumps(result))
+      _log.info("eval step %d on %d of %d val batches (spread over the split): %s", step_no,
+                len(self.val_batches), self.val_total, json.dumps(result))
     return result
 
   def log(self, done: int, metrics, window_s: float, window_steps: int) -> dict:
