@@ -122,3 +122,7 @@ def test_no_module_over_the_line_limit(pkg):
   long = {str(p.relative_to(REPO)): n for p in sorted((REPO / pkg).rglob("*.py"))
           if (n := len(p.read_text().splitlines())) > MAX_LINES}
   assert long == {}, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_training_loop_stays_thin():
+  assert len((REPO / "sparsejax" / "train" / "loop.py").read_text().splitlines()) <= 300

@@ -234,8 +234,9 @@ def test_values_use_their_own_optimizer_group():
            "nonfinite_total": jnp.zeros((), jnp.int32),
            "nonfinite_in_a_row": jnp.zeros((), jnp.int32)}
   new = jax.jit(make_train_step(graphdef, cfg, optimizer))(fresh, batch)[0]
+  # the slots the train step selected: training mode (an rng), i.e. batch-statistics centring
   _, inter = jax.jit(lambda p: nnx.capture(nnx.merge(graphdef, p), nnx.Intermediate)(
-      batch["inputs"]))(params)
+      batch["inputs"], rng=jax.random.key(0)))(params)
   used = sum(sown_counts(inter, "usage_slots").values()) > 0
   path = next(p for p, _ in jax.tree_util.tree_leaves_with_path(params)
               if jax.tree_util.keystr(p).endswith("['values_NxD']"))

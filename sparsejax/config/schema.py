@@ -113,6 +113,9 @@ class TrainConfig:
   max_nonfinite_in_a_row: int = 5
   stop_at_step: int = 0          # >0: save and stop at this step (a time slot); schedule unchanged
   peak_tflops_per_device: float = 0.0  # 0: looked up from the device kind (for MFU)
+  # warn (once per layer) when a retrieval layer's per-step touched fraction of slots / experts
+  # falls below this: a collapsing memory / PEER layer; 0 disables
+  min_touched_fraction: float = 0.05
   progress_bar: bool = True
 
 

@@ -5,6 +5,7 @@ sparsejax/eval/checkpoint.py)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -12,8 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from sparsejax import data as sdata
 from sparsejax.models.forward import forward_sums
 from sparsejax.parallel.sharding import global_batch
+
+_log = logging.getLogger("sparsejax")
 
 
 def make_eval_step(graphdef):
@@ -71,3 +75,17 @@ def evaluate_params(eval_fn, params, batches, sharding, bytes_per_token: float,
     for name, value in usage_summary(counts).items():
       result[f"{k}/{name}"] = value
   return result
+
+
+def validation_subset(dataset_dir, cfg) -> tuple[list, float, int]:
+  """The training loop's periodic eval set: ``cfg.train.eval_batches`` batches spread over the
+  val split, its bytes per token, and how many batches the whole split has; ([], 1.0, 0) when
+  the split is shorter than one window."""
+  kw = dict(seq_len=cfg.data.seq_len, batch_size=cfg.data.global_batch_size)
+  try:
+    batches = sdata.make_eval_batches(dataset_dir, max_batches=cfg.train.eval_batches, **kw)
+  except ValueError as e:
+    _log.warning("no periodic eval: %s", e)
+    return [], 1.0, 0
+  bpt = sdata.TokenDataset(dataset_dir, "val").bytes_per_token
+  return batches, bpt, sdata.num_eval_batches(dataset_dir, **kw)

@@ -48,6 +48,7 @@ from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
 from sparsejax.layers.common import DTYPES, param, sow
 from sparsejax.layers.family import Family, LayerCost, ParamGroup
+from sparsejax.layers.query_center import QueryCenter, usage_scalars
 from sparsejax.parallel.sharding import constrain
 
 
@@ -62,6 +63,9 @@ class MemoryConfig:
   gate: bool = field(False, shapes=True)  # per-token scalar gate sigmoid(x·w_g) on the output
   qk_norm: bool = field(True, shapes=True)  # RMS-normalise query halves and sub-key rows
   shared_values: bool = field(True, shapes=True)  # one value table for all memory layers
+  # query centring against retrieval collapse (sparsejax/layers/query_center.py)
+  query_center: str = field("batch", "batch", "running", "none", shapes=True)
+  query_center_momentum: float = 0.9
   value_lr: float = 1e-3         # values' own optimizer group (constant lr)
   value_grad_clip: float = 1.0
   value_weight_decay: float = 0.0
@@ -105,6 +109,8 @@ class MemoryLayer(nnx.Module):
                                dtype=pdt)
     self.query_scale_HxK = (nnx.Param(jnp.ones((h, m.d_key), pdt),
                                       logical_axes=("pk_heads", "pk_dim")) if m.qk_norm else None)
+    self.qcenter = QueryCenter(m.query_center, h, m.d_key, momentum=m.query_center_momentum,
+                               eps=cfg.model.norm_eps)
     self.subkeys_Hx2xSxC = param(rngs, (h, 2, self.n, c),
                                  ("pk_heads", None, "pk_subkeys", "pk_dim"), std=c ** -0.5,
                                  dtype=pdt)
@@ -126,11 +132,13 @@ class MemoryLayer(nnx.Module):
     self.w_gate_D = (param(rngs, (d,), ("embed",), std=std, dtype=pdt) if m.gate else None)
 
   # ---- retrieval (also used by tests) ----
-  def half_queries_and_keys(self, x_BxTxD: jax.Array):
-    """(q1, q2 [B, T, H, C], k1, k2 [H, n, C]) after QK-norm and score scaling, float32."""
+  def half_queries_and_keys(self, x_BxTxD: jax.Array, training: bool = False):
+    """(q1, q2 [B, T, H, C], k1, k2 [H, n, C]) after centring, QK-norm and score scaling,
+    float32 (``training``: batch statistics for query_center="batch")."""
     c = self.d_key // 2
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.w_query_DxHxK[...].astype(self.dtype),
                    preferred_element_type=jnp.float32)
+    q = self.qcenter(q, training)
     keys = self.subkeys_Hx2xSxC[...].astype(jnp.float32)
     k1, k2 = keys[:, 0], keys[:, 1]
     q1, q2 = q[..., :c], q[..., c:]
@@ -141,12 +149,12 @@ class MemoryLayer(nnx.Module):
       k1, k2 = pk.normalize(k1, "rms", self.eps), pk.normalize(k2, "rms", self.eps)
     return q1, q2, k1, k2
 
-  def retrieve(self, x_BxTxD: jax.Array, *, softmax: bool = False
+  def retrieve(self, x_BxTxD: jax.Array, *, softmax: bool = False, training: bool = False
                ) -> tuple[jax.Array, jax.Array]:
     """(scores [B, T, H, k] float32 — softmax weights with ``softmax`` —, slot indices
     [B, T, H, k] int32)."""
     dt = self.dtype
-    q1, q2, k1, k2 = self.half_queries_and_keys(x_BxTxD)
+    q1, q2, k1, k2 = self.half_queries_and_keys(x_BxTxD, training)
     return pk.product_key_topk(q1.astype(dt), q2.astype(dt), k1.astype(dt), k2.astype(dt),
                                self.top_k, impl=self.impl, softmax=softmax)
 
@@ -188,9 +196,14 @@ class MemoryLayer(nnx.Module):
       y = y * g[..., None].astype(dt)
     return y
 
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    weights, idx = self.retrieve(x_BxTxD, softmax=True)
-    sow(self, "usage_slots", pk.usage_counts(idx, self.num_slots))
+  def __call__(self, x_BxTxD: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """``rng`` is given in training only (the train step's per-layer key): it selects batch
+    statistics for query centring."""
+    weights, idx = self.retrieve(x_BxTxD, softmax=True, training=rng is not None)
+    counts = pk.usage_counts(idx, self.num_slots)
+    sow(self, "usage_slots", counts)
+    for name, value in usage_scalars(counts).items():
+      sow(self, name, value)
     mem = self.read(weights, idx)
     y = self.output(x_BxTxD, mem)
     return constrain(y, ("act_batch", "act_length", "act_embed"))

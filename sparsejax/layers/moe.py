@@ -300,6 +300,11 @@ def check(cfg) -> None:
               "bias_update_rate"):
     if getattr(m, key) < 0:
       raise ConfigError(f"config.moe.{key}: must be >= 0, got {getattr(m, key)}")
+  if m.top_k == 1 and m.renormalize and m.router in ("token_choice", "noisy_token_choice"):
+    raise ConfigError("config.moe.renormalize: with top_k=1 the renormalised gate is s/s = 1 "
+                      "for every token, so the router gets no task gradient; set "
+                      "config.moe.renormalize=False (Switch Transformer gates by the softmax "
+                      "probability)")
   if m.load_loss and m.router != "noisy_token_choice":
     raise ConfigError("config.moe.load_loss: the smooth load loss needs "
                       "router='noisy_token_choice'; use load_balance_loss")

@@ -34,7 +34,7 @@ from sparsejax.config import Config
 from sparsejax.configure import check_resume
 from sparsejax.data import position
 from sparsejax.errors import ConfigError
-from sparsejax.eval.core import evaluate_params, make_eval_step
+from sparsejax.eval.core import evaluate_params, make_eval_step, validation_subset
 from sparsejax.layers import registry
 from sparsejax.models import accounting
 from sparsejax.parallel import distributed as dist
@@ -71,16 +71,6 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
-
-
-def _val_batches(dataset_dir, cfg: Config):
-  try:
-    return sdata.make_eval_batches(dataset_dir, seq_len=cfg.data.seq_len,
-                                   batch_size=cfg.data.global_batch_size,
-                                   max_batches=cfg.train.eval_batches)
-  except ValueError as e:  # val split shorter than one window
-    _log.warning("no periodic eval: %s", e)
-    return []
 
 
 class _Run:
@@ -135,6 +125,7 @@ class _Run:
     self.watchdog = dist.StepWatchdog(step_timeout_s, keep_on_error=jax.process_count() > 1)
     self.is_chief = jax.process_index() == 0
     self.eval_compiled = False
+    self.warned: set[str] = set()  # layers already reported for low retrieval usage
 
   # ---- setup inside the watchdog ----
   def restore_or_init(self) -> None:
@@ -169,12 +160,7 @@ class _Run:
                                              self.shardings, self.batch_sh)
       self.eval_fn = jax.jit(make_eval_step(self.spec.graphdef),
                              in_shardings=(self.shardings["params"], self.batch_sh))
-    self.val_batches = _val_batches(self.dataset_dir, cfg)
-    self.val_bpt = (sdata.TokenDataset(self.dataset_dir, "val").bytes_per_token
-                    if self.val_batches else 1.0)
-    self.val_total = (sdata.num_eval_batches(self.dataset_dir, seq_len=cfg.data.seq_len,
-                                             batch_size=cfg.data.global_batch_size)
-                      if self.val_batches else 0)
+    self.val_batches, self.val_bpt, self.val_total = validation_subset(self.dataset_dir, cfg)
 
   # ---- hooks ----
   def save(self, step_no: int) -> None:
@@ -217,6 +203,12 @@ class _Run:
     last["perplexity"] = float(np.exp(min(last["ce_loss"], 700.0)))
     last["bits_per_byte"] = last["ce_loss"] / np.log(2) / self.train_ds.bytes_per_token
     self.writer.write(done, last)
+    floor = self.cfg.train.min_touched_fraction
+    for name, value in last.items():
+      if name.endswith("/touched_fraction") and value < floor and name not in self.warned:
+        self.warned.add(name)
+        _log.warning("step %d: %s = %.3f < config.train.min_touched_fraction=%g: retrieval is "
+                     "collapsing onto a few slots / experts", done, name, value, floor)
     return last
 
   def check_finite(self, metrics) -> None:

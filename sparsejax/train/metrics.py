@@ -70,7 +70,8 @@ class MetricWriter:
 
 
 def host_metrics(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-  """Split device metrics into scalars and vectors (vectors -> histograms + max/mean)."""
+  """Split device metrics into scalars and vectors (vectors -> histograms + max/mean and
+  min/mean, e.g. the most and least loaded expert against the average)."""
   scalars, vectors = {}, {}
   for k, v in jax.device_get(metrics).items():
     v = np.asarray(v)
@@ -78,5 +79,7 @@ def host_metrics(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]
       scalars[k] = float(v)
     else:
       vectors[k] = v
-      scalars[f"{k}/max_over_mean"] = float(v.max() / max(float(v.mean()), 1e-12))
+      mean = max(float(v.mean()), 1e-12)
+      scalars[f"{k}/max_over_mean"] = float(v.max() / mean)
+      scalars[f"{k}/min_over_mean"] = float(v.min() / mean)
   return scalars, vectors

@@ -33,10 +33,15 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
 
 
 def decay_mask(params, cfg: Config):
-  """True where weight decay applies: matrices (ndim >= 2), embeddings only if configured."""
+  """True where weight decay applies: matrices (ndim >= 2), embeddings only if configured, never
+  norm scales or biases (leaves named ``*scale*`` / ``*bias*``, e.g. the product-key
+  ``query_scale_HxK``, whatever their rank)."""
   def leaf_mask(path, x):
     name = jax.tree_util.keystr(path)
     if "embed_VxD" in name and not cfg.optim.decay_embeddings:
+      return False
+    last = str(getattr(path[-1], "key", path[-1]))
+    if "scale" in last or "bias" in last:
       return False
     return x.ndim >= 2
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
