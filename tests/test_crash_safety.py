@@ -100,12 +100,10 @@ def assert_matches_reference(workdir, reference):
   assert data == ref_data
 
 
-# 24 kill points over 10 cases (points and counts: tests/crash_child.py), plus the two tests
+# 21 kill points over 8 cases (points and counts: tests/crash_child.py), plus 4 in the two tests
 # below. Step-count kills race with the asynchronous saves; the checks hold either way.
 CASES = {
-    "first-save-entry": [("save", 1)],
-    "first-save-in-flight": [("orbax_async", 1)],
-    "first-save-written-not-finalised": [("finalize", 1)],
+    "first-save": [("orbax_async", 1), ("finalize", 1)],
     "between-finalisation-and-marker": [("marker", 1), ("marker", 1)],
     "marker-tmp-written": [("marker_tmp", 2)],
     "mid-training": [("step", 3), ("step", 3), ("step", 6)],

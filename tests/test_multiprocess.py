@@ -271,7 +271,7 @@ def test_stuck_process_ends_the_job_via_watchdog(tmp_path, config, default_datas
   for i in fired:
     idle, limit = map(float, re.search(r"made no progress for (\d+) s \(limit (\d+) s\)",
                                        (err0, err1)[i]).groups())
-    assert limit == 5 and limit < idle < 100
+    assert limit == 5 and limit <= idle < 100  # (both printed rounded to whole seconds)
   assert Checkpointer(run).latest_step() == 2
   files = json.loads((run / "commits" / "2.json").read_text())["files"]
   assert any(f.startswith("state/ocdbt.process_1/") for f in files), sorted(files)
