@@ -60,10 +60,10 @@ def matmul_tflops(n: int, dtype: str, reps: int, inner: int) -> float:
 
 def resolve_key(key: str) -> str:
   """``remat`` -> ``model.remat``: an alias, or a field name unique across config sections."""
-  from sparsejax.config import Config
+  from sparsejax.configure import with_defaults
   if "." in key or key in ALIASES:
     return ALIASES.get(key, key)
-  hits = [f"{sec}.{key}" for sec, fields in Config().to_dict().items()
+  hits = [f"{sec}.{key}" for sec, fields in with_defaults({}).to_dict().items()
           if isinstance(fields, dict) and key in fields]
   if len(hits) != 1:
     why = f"ambiguous ({', '.join(hits)})" if hits else "unknown"
@@ -112,10 +112,10 @@ def vocab_of(cfg, vocab: int) -> int:
 
 
 def run_variant(cfg, vocab: int, args, ceilings: dict, nominal: float | None) -> dict:
-  from sparsejax.parallel import sharding as shd
-from sparsejax.layers import registry
-from sparsejax.parallel import mesh as mesh_lib
+  from sparsejax.layers import registry
   from sparsejax.models import accounting as flops
+  from sparsejax.parallel import mesh as mesh_lib
+  from sparsejax.parallel import sharding as shd
   from sparsejax.train import step as steplib
   from sparsejax.train.optim import make_optimizer
   from sparsejax.train.state import init_state, model_spec
@@ -241,9 +241,8 @@ def main(argv=None) -> None:
   except ImportError:
     raise SystemExit("ml_collections is missing (sparsejax.config needs it); on the GPU machine "
                      "carry its wheel, see benchmarks/README.md") from None
-  from sparsejax.configure import replace
-  from sparsejax.configure import load_config
-  from sparsejax.models import accounting as flops
+  from sparsejax.configure import load_config, replace
+  from sparsejax.parallel import hardware
 
   base = {}
   for flag, key in (("batch", "data.global_batch_size"), ("seq", "data.seq_len"),
@@ -265,7 +264,7 @@ def main(argv=None) -> None:
               for d in dtypes}
   for c in ceilings.values():
     c["tflops"] = c["tflops_start"]
-  nominal = flops.peak_tflops(env["device_kind"])
+  nominal = hardware.peak_tflops(env["device_kind"])
   print(f"{env['device_kind']} x{env['device_count']}  jax {env['jax']}  matmul {n}^3: " +
         ", ".join(f"{d} {c['tflops_start']:.3g} TFLOP/s" for d, c in ceilings.items()) +
         f"  nominal bf16 peak: {nominal or '-'}", flush=True)
