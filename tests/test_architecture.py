@@ -31,8 +31,6 @@ def test_config_is_a_leaf():
   heavy = {"jax", "jaxlib", "flax", "optax", "orbax", "numpy", "ml_collections", "grain",
            "kernels_pallas"}
   assert not loaded & heavy, f"import sparsejax.config loads {sorted(loaded & heavy)}"
-  layer_modules = [m for m in sys.modules if m.startswith("sparsejax.layers")]
-  del layer_modules  # (this process imported them; the subprocess above did not)
 
 
 def _strongly_connected(graph) -> list[list[str]]:

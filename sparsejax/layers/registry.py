@@ -9,10 +9,11 @@ an ``nnx.Module`` whose ``__call__(x_BxTxD, positions_BxT)`` (attention) or ``__
 layers' value pool) creates it once (``shared[name] = ...`` if absent) and keeps a reference;
 NNX stores a shared module once.
 
-Reporting from inside a layer (collected with ``nnx.capture``):
-  * ``self.sow(nnx.Intermediate, "aux_loss", scalar)``: added to the training loss;
+Reporting from inside a layer with ``sparsejax.layers.common.sow(self, name, value)`` (collected
+by the train / eval steps' ``nnx.capture``; a no-op in a plain ``model(tokens)`` call):
+  * ``"aux_loss"``: a scalar added to the training loss;
   * any other scalar name: logged as a metric ``sown/<path>``;
-  * a vector: logged as a TensorBoard histogram (plus its max/mean ratio as a scalar);
+  * a vector: logged as a TensorBoard histogram (plus its max/mean and min/mean ratios);
   * a name starting with ``usage``: a count vector, summed over an eval window by the evaluator,
     which reports the fraction of entries touched and the KL from uniform (key usage);
   * ``update__buffer_x``: added to the sibling parameter ``buffer_x`` after the optimizer step

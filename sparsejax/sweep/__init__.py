@@ -29,4 +29,4 @@ __all__ = ["FLOPS_CONVENTION", "LOG", "RECORD", "SLURM_TEMPLATE", "SMOOTH_EVALS"
            "check_existing", "child_command", "config_hash", "definition_hash", "emit_slurm",
            "load_records", "load_sweep", "main", "params_active_avg", "plan", "read_record",
            "run_parallel", "run_sweep", "smoothed_eval_loss", "submit_slurm", "submit_submitit",
-           "table", "tpu_commands", "unfinished", "worker_slots"]
+           "table", "tpu_commands", "unfinished", "worker_slots", "write_record"]
