@@ -1,6 +1,7 @@
 """``python -m sparsejax.info --config configs/<family>.py:<preset> [--config.a.b=v]``: analytic
 parameter / FLOP / bytes accounting of a config as one JSON line, without building weights
-(the model is traced abstractly with nnx.eval_shape).
+(the model is traced abstractly with nnx.eval_shape). With an MoE layer, "moe" holds the sizes
+config.moe implies (granularity G: E*G routed experts, k*G per token, width / G).
 
 ``--sharding [--devices N] [--preset P]``: instead, every parameter's shape and PartitionSpec on
 an abstract mesh of N devices (no devices needed): one JSON line for the mesh, one per parameter.
@@ -16,6 +17,7 @@ from ml_collections import config_flags
 
 from sparsejax.cli_common import flags_parser, one_line_errors
 from sparsejax.configure import replace, validate
+from sparsejax.layers import moe
 from sparsejax.models import accounting
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.train.state import model_spec, param_shardings
@@ -46,13 +48,26 @@ def default_vocab(cfg) -> int:
                                   if ":" in cfg.data.tokenizer else 8192)
 
 
+def _moe_sizes(model, seq_len: int) -> dict | None:
+  """What granularity / MultiHash make of config.moe, for the first MoE layer (all MoE layers
+  share config.moe): routed experts, experts per token, widths, the layer's total / active
+  params. None when no layer is an MoE."""
+  for block in model.blocks:
+    if isinstance(block.ffn, moe.MoE):
+      return block.ffn.summary(seq_len)
+  return None
+
+
 def describe(cfg, vocab_size: int = 0) -> dict:
   vocab = vocab_size or default_vocab(cfg)
-  counts = accounting.count(model_spec(cfg, vocab).abstract_model, cfg)
+  model = model_spec(cfg, vocab).abstract_model
+  counts = accounting.count(model, cfg)
+  moe_sizes = _moe_sizes(model, cfg.data.seq_len)
   return {"name": cfg.name, "vocab_size": vocab, "padded_vocab": cfg.padded_vocab(vocab),
           "layers": _runs([f"{a}/{f}" for a, f in cfg.layer_types()]),
           "seq_len": cfg.data.seq_len,
           **{k: float(v) for k, v in counts.as_metrics().items()},
+          **({"moe": moe_sizes} if moe_sizes else {}),
           "flops_convention": "6*active matmul params + causal attention 6*T*H*Dh per layer"}
 
 

@@ -134,8 +134,9 @@ def test_hash_tables_deterministic_multi_hash_and_routing():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 8)), jnp.int32)
   r = m1.route(None, tokens.reshape(-1))[0]
   table = routers.hash_table(*m2.hash_key)
-  assert np.array_equal(r.expert_NxK, table[:, np.asarray(tokens).ravel()].T)
-  np.testing.assert_allclose(r.gate_NxK, 0.5)
+  # MultiHash: hash j routes to segment j of expert table[j, token] = segment expert e*2 + j
+  assert np.array_equal(r.expert_NxK, table[:, np.asarray(tokens).ravel()].T * 2 + [0, 1])
+  np.testing.assert_allclose(r.gate_NxK, 1.0)
   y, sown = run(m1, x_input(), tokens_BxT=tokens)
   assert y.shape == (2, 8, 64) and "load_balance_loss" not in sown and "aux_loss" in sown
   # the Transformer passes the token ids to layers that declare tokens_BxT

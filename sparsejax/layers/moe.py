@@ -1,11 +1,16 @@
 """Mixture-of-Experts feed-forward, registry key "moe" (options: ``config.moe``).
 
-    y = sum_{k} gate_k(x) * SwiGLU_{e_k}(x) + sum_{s} SwiGLU_shared_s(x)
+    y = sum_{k} gate_k(x) * SwiGLU_{e_k}(x) + SwiGLU_shared(x)
 
-Experts are SwiGLU FFNs of hidden size ``d_expert = d_ff // granularity`` (fine-grained experts),
-stored stacked: ``w_gate_ExDxF`` / ``w_up_ExDxF`` / ``w_down_ExFxD`` with logical axes
-("experts", "embed", "expert_mlp"). Shared experts are always on; S shared experts of size F are
-one SwiGLU of hidden size S*F (the sum of S SwiGLUs is exactly that).
+``num_experts`` E, ``top_k`` k, ``d_expert`` (0: ``d_ff``) and ``num_shared_experts`` describe the
+granularity-1 ("base") model. Fine-grained experts (Krajewski et al. 2024, DeepSeekMoE's
+segmentation), granularity G: every base expert is cut into G experts of width d_expert / G, the
+layer routes over E*G of them and a token picks k*G, so the expert parameters (total and active)
+equal the G=1 model's; only the router grows to d_model x E*G. Shared experts are always on and
+keep their G=1 width: S shared experts are one SwiGLU of hidden size S * d_expert (the sum of S
+SwiGLUs is exactly that). ``sizes(cfg)`` gives the (experts, per token, width) the layer runs.
+Routed experts are stored stacked: ``w_gate_ExDxF`` / ``w_up_ExDxF`` / ``w_down_ExFxD`` with
+E, F the effective values and logical axes ("experts", "embed", "expert_mlp").
 
 Routers (``config.moe.router``, math in sparsejax/layers/routers.py, float32):
   * ``token_choice``: top-k over softmax / sigmoid scores, optional renormalisation of the gates;
@@ -13,11 +18,19 @@ Routers (``config.moe.router``, math in sparsejax/layers/routers.py, float32):
     per-step, per-layer ``rng`` the train step passes (W_noise zero-initialised); no noise when
     ``rng`` is None (evaluation);
   * ``expert_choice`` (Zhou 2022): each expert takes its top-C tokens of a sequence,
-    C = ceil(capacity_factor * T * k / E). NOT CAUSAL: whether an earlier token is picked depends
-    on later tokens' scores — fine for encoders, leaks the future in a decoder (a warning is
-    emitted at construction; tests/test_moe.py demonstrates the leak);
+    C = ceil(capacity_factor * T * k / E) (k*G / E*G = k / E: the same C per expert at any G, so
+    E*G experts of width / G do the G=1 work). NOT CAUSAL: whether an earlier token is picked
+    depends on later tokens' scores — fine for encoders, leaks the future in a decoder (a warning
+    is emitted at construction; tests/test_moe.py demonstrates the leak);
   * ``hash`` (Roller 2021): a fixed token-id -> expert table (random, or balanced by token
-    frequency with greedy bin packing); multi-hash picks num_hashes experts, gates 1/num_hashes.
+    frequency with greedy bin packing), one row per hash function. MultiHash layer (``num_hashes``
+    h, = top_k): Roller et al. split each expert's FFN into h segments of its hidden units and
+    let hash j pick the expert whose j-th segment the token uses; the segments' hidden units are
+    concatenated, v = relu([A^1_{k_1} x, ..., A^h_{k_h} x]), y = [B^1_{k_1}, ..., B^h_{k_h}] v,
+    k_j = hash_j(token): the compute of ONE expert. Here (SwiGLU experts) segment j of expert e
+    is routed expert e*h + j, of width d_expert / h; a token goes to its h segment experts with
+    gate 1, which sums the segments' outputs through their own w_down rows = the concatenation.
+    The dispatch paths below apply unchanged (routers.hash_routing). granularity must be 1.
     Uses the token ids the Transformer passes as ``tokens_BxT`` (ids modulo the table size).
   * aux-loss-free balancing (DeepSeek-V3, ``bias_balancing``): a per-expert bias added to the
     scores for selection only, kept in the frozen parameter ``buffer_expert_bias_E`` and moved
@@ -53,6 +66,7 @@ scope), router z-loss, Shazeer importance / load CV^2. Sown metrics per layer: e
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import jax
@@ -73,17 +87,17 @@ from sparsejax.parallel.sharding import constrain
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """``config.moe``."""
-  num_experts: int = field(8, shapes=True)
-  top_k: int = 2                 # experts per token (token choice); hash: = num_hashes
-  granularity: int = field(1, shapes=True)  # fine-grained: d_expert = d_ff // granularity
-  d_expert: int = field(0, shapes=True)     # 0: derived from granularity
-  num_shared_experts: int = field(0, shapes=True)  # always-on experts of size d_expert
+  num_experts: int = field(8, shapes=True)  # base (G=1) routed experts; the layer has E * G
+  top_k: int = 2                 # base experts per token (token choice; hash: = num_hashes)
+  granularity: int = field(1, shapes=True)  # G: E*G experts of width d_expert/G, top k*G
+  d_expert: int = field(0, shapes=True)     # base (G=1) expert width; 0: d_ff
+  num_shared_experts: int = field(0, shapes=True)  # always-on experts of the base width
   router: str = field("token_choice", "token_choice", "noisy_token_choice", "expert_choice",
                       "hash", shapes=True)
   score_fn: str = field("softmax", "softmax", "sigmoid")
   renormalize: bool = True       # renormalise the top-k gates to sum to 1
   hash_type: str = field("random", "random", "balanced")
-  num_hashes: int = 1            # multi-hash: experts chosen by num_hashes hash functions
+  num_hashes: int = field(1, shapes=True)  # MultiHash: h hashes pick one expert's h segments
   hash_seed: int = 0             # random hash table seed (+ layer index)
   hash_vocab_size: int = 0       # table rows (ids taken modulo); 0: model.vocab_size or 65536
   hash_frequencies: str = ""     # balanced: .npy of per-token-id counts; "" = uniform
@@ -101,8 +115,19 @@ class MoEConfig:
   impl: str = field("xla", "xla", "pallas", "interpret")
 
 
-def d_expert(cfg) -> int:
-  return cfg.moe.d_expert or cfg.d_ff // cfg.moe.granularity
+def base_width(cfg) -> int:
+  """Hidden width of a granularity-1 expert (and of each shared expert)."""
+  return cfg.moe.d_expert or cfg.d_ff
+
+
+def sizes(cfg) -> tuple[int, int, int]:
+  """(routed experts, routed experts per token, their width) the layer runs: granularity G gives
+  E*G experts of width base / G, top k*G; MultiHash (h hashes) E*h segments of width base / h,
+  h per token. Every E / k / width used by the layer, its dispatch and its cost comes from here."""
+  m, f = cfg.moe, base_width(cfg)
+  split, k = (m.num_hashes, m.num_hashes) if m.router == "hash" else (m.granularity,
+                                                                      m.top_k * m.granularity)
+  return m.num_experts * split, k, f // split
 
 
 class MoE(nnx.Module):
@@ -110,10 +135,10 @@ class MoE(nnx.Module):
 
   def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
     m = cfg.moe
-    d, f, e = cfg.model.d_model, d_expert(cfg), m.num_experts
+    (e, k, f), d = sizes(cfg), cfg.model.d_model  # effective values (granularity / MultiHash)
     std, pdt = cfg.model.init_std, DTYPES[cfg.model.param_dtype]
     out_std = std / (2 * cfg.model.num_layers) ** 0.5
-    self.num_experts, self.top_k, self.d_model, self.d_expert = e, m.top_k, d, f
+    self.num_experts, self.top_k, self.d_model, self.d_expert = e, k, d, f
     self.router = m.router
     self.score_fn, self.renormalize, self.dispatch = m.score_fn, m.renormalize, m.dispatch
     self.capacity_factor = m.capacity_factor
@@ -134,7 +159,7 @@ class MoE(nnx.Module):
                             dtype=pdt)
     self.w_down_ExFxD = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std=out_std,
                               dtype=pdt)
-    s = m.num_shared_experts * f
+    s = m.num_shared_experts * base_width(cfg)  # shared experts keep the G=1 width
     if s:
       self.shared_gate_DxS = param(rngs, (d, s), ("embed", "mlp"), std=std, dtype=pdt)
       self.shared_up_DxS = param(rngs, (d, s), ("embed", "mlp"), std=std, dtype=pdt)
@@ -143,8 +168,8 @@ class MoE(nnx.Module):
       self.shared_gate_DxS = self.shared_up_DxS = self.shared_down_SxD = None
     if m.router == "hash":
       vocab = m.hash_vocab_size or cfg.model.vocab_size or 65536
-      self.hash_key = (m.hash_type, vocab, e, m.num_hashes, m.hash_seed + layer_idx,
-                       m.hash_frequencies)
+      self.hash_key = (m.hash_type, vocab, m.num_experts, m.num_hashes, m.hash_seed + layer_idx,
+                       m.hash_frequencies)  # rows: hashes over the E full experts
       routers.hash_table(*self.hash_key)  # build (and cache) now: errors surface at init
     else:
       self.hash_key = None
@@ -171,6 +196,16 @@ class MoE(nnx.Module):
     router += 0 if self.noise_DxE is None else d * self.num_experts
     shared = 0 if self.shared_gate_DxS is None else 3 * self.shared_gate_DxS.shape[1] * d
     return int(router + self.experts_per_token(seq_len) * 3 * d * f + shared)
+
+  def summary(self, seq_len: int) -> dict:
+    """The sizes granularity / MultiHash make of the config (``sparsejax info``)."""
+    shared = 0 if self.shared_gate_DxS is None else self.shared_gate_DxS.shape[1]
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+    return {"routed_experts": self.num_experts,
+            "experts_per_token": self.experts_per_token(seq_len),
+            "expert_width": self.d_expert, "shared_width": shared,
+            "layer_params_total": total,
+            "layer_params_active": self.active_params_per_token(seq_len)}
 
   # ---- routing ----
   def route(self, x32_NxD, tokens_N=None, rng=None):
@@ -289,18 +324,19 @@ def check(cfg) -> None:
   if not 1 <= m.top_k <= m.num_experts:
     raise ConfigError(f"config.moe.top_k: must be in [1, num_experts={m.num_experts}], "
                       f"got {m.top_k}")
-  if m.granularity < 1 or (not m.d_expert and cfg.d_ff % m.granularity):
-    raise ConfigError(f"config.moe.granularity: must be >= 1 and divide d_ff={cfg.d_ff}, "
-                      f"got {m.granularity}")
   if m.d_expert < 0 or m.num_shared_experts < 0:
     raise ConfigError("config.moe.d_expert / num_shared_experts: must be >= 0")
+  f = base_width(cfg)
+  if m.granularity < 1 or f % m.granularity:
+    raise ConfigError(f"config.moe.granularity: must be >= 1 and divide the base expert width "
+                      f"(d_expert or d_ff) {f}, got {m.granularity}")
   if not m.capacity_factor > 0:
     raise ConfigError(f"config.moe.capacity_factor: must be > 0, got {m.capacity_factor}")
   for key in ("load_balance_loss", "router_z_loss", "importance_loss", "load_loss",
               "bias_update_rate"):
     if getattr(m, key) < 0:
       raise ConfigError(f"config.moe.{key}: must be >= 0, got {getattr(m, key)}")
-  if m.top_k == 1 and m.renormalize and m.router in ("token_choice", "noisy_token_choice"):
+  if sizes(cfg)[1] == 1 and m.renormalize and m.router in ("token_choice", "noisy_token_choice"):
     raise ConfigError("config.moe.renormalize: with top_k=1 the renormalised gate is s/s = 1 "
                       "for every token, so the router gets no task gradient; set "
                       "config.moe.renormalize=False (Switch Transformer gates by the softmax "
@@ -312,6 +348,12 @@ def check(cfg) -> None:
     if not 1 <= m.num_hashes <= m.num_experts or m.top_k != m.num_hashes:
       raise ConfigError(f"config.moe.num_hashes: must be in [1, num_experts] and equal top_k "
                         f"(got num_hashes={m.num_hashes}, top_k={m.top_k})")
+    if f % m.num_hashes:
+      raise ConfigError(f"config.moe.num_hashes: MultiHash splits each expert into num_hashes "
+                        f"segments; {m.num_hashes} must divide the expert width {f}")
+    if m.granularity != 1:
+      raise ConfigError("config.moe.granularity: not defined for router='hash' (MultiHash "
+                        "segments experts by num_hashes instead); set granularity=1")
   if m.bias_balancing and m.router not in ("token_choice", "noisy_token_choice"):
     raise ConfigError("config.moe.bias_balancing: only for token-choice routers, got "
                       f"router={m.router!r}")
@@ -326,8 +368,10 @@ def check(cfg) -> None:
     raise ConfigError(f"config.moe.impl: {m.impl!r} applies to dropless token-choice / hash "
                       "routing; expert_choice runs batched einsums, set impl='xla'")
   if cfg.mesh.expert > 1:
-    if m.num_experts % cfg.mesh.expert:
-      raise ConfigError(f"config.moe.num_experts: {m.num_experts} must be divisible by "
+    e = sizes(cfg)[0]
+    if e % cfg.mesh.expert:
+      raise ConfigError(f"config.moe.num_experts: the layer's {e} routed experts (num_experts x "
+                        f"granularity or num_hashes) must be divisible by "
                         f"mesh.expert={cfg.mesh.expert}")
     if m.dispatch != "capacity" and m.router != "expert_choice":
       raise ConfigError("config.moe.dispatch: expert parallelism (mesh.expert > 1) needs "

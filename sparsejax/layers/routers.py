@@ -136,7 +136,8 @@ def expert_choice(logits_GxSxE: jax.Array, capacity: int, score_fn: str = "softm
 
 def random_hash_table(vocab: int, num_experts: int, num_hashes: int, seed: int) -> np.ndarray:
   """``num_hashes x vocab`` expert ids: for each token id, ``num_hashes`` distinct experts drawn
-  uniformly (seeded numpy, identical on every host and construction)."""
+  uniformly (seeded numpy, identical on every host and construction). Row j is hash function j;
+  its first rows do not depend on ``num_hashes``."""
   rng = np.random.default_rng(seed)
   perm_VxE = np.argsort(rng.random((vocab, num_experts)), axis=1)
   return np.ascontiguousarray(perm_VxE[:, :num_hashes].T).astype(np.int32)
@@ -173,8 +174,13 @@ def hash_table(hash_type: str, vocab: int, num_experts: int, num_hashes: int, se
 
 
 def hash_routing(tokens_N: jax.Array, table_HxV: np.ndarray) -> Routing:
-  """Experts from the table (ids taken modulo its size); gates uniform 1 / num_hashes."""
+  """MultiHash routing (Roller et al. 2021) over segment experts: with H hashes every expert is
+  split into H segments of its hidden units and segment j of expert e is routed expert e*H + j;
+  hash j sends the token to segment j of expert table[j, token] (ids taken modulo the table
+  size), gate 1, so the segments' outputs add up to one expert-sized FFN (the paper's
+  concatenation of hidden units). H = 1: plain hash routing to table[0, token], gate 1."""
   h, v = table_HxV.shape
-  expert_NxK = jnp.asarray(table_HxV.T)[tokens_N.astype(jnp.int32) % v]
-  gate_NxK = jnp.full(expert_NxK.shape, 1.0 / h, jnp.float32)
+  expert_NxK = (jnp.asarray(table_HxV.T)[tokens_N.astype(jnp.int32) % v] * h
+                + jnp.arange(h, dtype=jnp.int32))
+  gate_NxK = jnp.ones(expert_NxK.shape, jnp.float32)
   return Routing(expert_NxK, gate_NxK, None, None)
