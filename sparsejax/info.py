@@ -61,7 +61,7 @@ def _moe_sizes(model, seq_len: int) -> dict | None:
 def describe(cfg, vocab_size: int = 0) -> dict:
   vocab = vocab_size or default_vocab(cfg)
   model = model_spec(cfg, vocab).abstract_model
-  counts = accounting.count(model, cfg)
+  counts = accounting.count(model, cfg, vocab_size=vocab)
   moe_sizes = _moe_sizes(model, cfg.data.seq_len)
   return {"name": cfg.name, "vocab_size": vocab, "padded_vocab": cfg.padded_vocab(vocab),
           "layers": _runs([f"{a}/{f}" for a, f in cfg.layer_types()]),

@@ -51,9 +51,14 @@ def write_record(root, name, rec):
   (root / name / "record.json").write_text(json.dumps(rec) if isinstance(rec, dict) else rec)
 
 
+HEAD = 0.2  # synthetic records: the output head is this fraction of params_active_total
+
+
 def base_record(name, family, N, D, L, total):
   return {"name": name, "config_hash": "0" * 40, "family": family, "base": f"configs/{family}.py",
-          "overrides": {}, "seed": 0, "params_total": total, "params_active_per_token": N,
+          "overrides": {}, "seed": 0, "params_total": total, "params_active_total": N,
+          "params_active_non_embedding": (1 - HEAD) * N, "params_active_per_token": 1.1 * N,
+          "granularity": None, "num_experts": None, "top_k": None,
           "flops_per_token": 6 * (N + ATTN), "steps": 100, "tokens": D,
           "total_flops": 6 * (N + ATTN) * D, "flops_convention": "6N+attention",
           "status": "done", "final_step": 100, "eval_loss": L, "wall_s": 10.0}
@@ -100,8 +105,10 @@ def test_cli_writes_report_json_and_pngs(cli_run):
   for section in ("## Sweep summary", "## Fitted parameters", "## Compute-optimal predictions",
                   "## Approach 2", "## Sparse scaling laws", "## Problems"):
     assert section in report
-  assert data["conventions"]["n_field"] == "params_active_per_token"
-  assert "active parameters per token" in report
+  assert data["conventions"]["n_field"] == "params_active_total"  # the default: --n total
+  assert data["conventions"]["n"] == "total"
+  assert "**N** = `params_active_total`, chosen by `--n total` (the default)" in report
+  assert "output head at the true vocabulary" in report
   # The headline table goes to stdout as is, and appears in the report.
   headline = proc.stdout.strip()
   assert headline in report and headline.splitlines()[2].startswith("| family | runs | E |")
@@ -125,18 +132,30 @@ def test_cli_recovers_exponents(cli_run):
     assert f["warnings"] == []
     lo, hi = a3["intervals"]["a"]
     assert lo < a3["a"] < hi
-    # Predictions: each budget plus 10x and 100x the largest, with C = 6 N_opt D_opt.
+    # Budgets are labelled by the quantity that grouped them: the records' total_flops.
+    np.testing.assert_allclose([b["total_flops"] for b in f["budgets"]], BUDGETS, rtol=1e-9)
+    assert all(b["C_6ND"] < b["total_flops"] for b in f["budgets"])  # 6ND leaves out attention
+    assert a2["compute"] == "total_flops"
+    np.testing.assert_allclose([m["total_flops"] for m in a2["minima"]], BUDGETS, rtol=1e-9)
+    for m in a2["minima"]:  # D* read off the budget's runs at N* (a parabola in log-log: 0.5%)
+      assert 6 * (m["N_opt"] + ATTN) * m["D_opt"] == pytest.approx(m["total_flops"], rel=5e-3)
+    # Predictions: each budget plus 10x and 100x the largest; approach 3 at C = 6 N_opt D_opt,
+    # approach 2 at F = total FLOPs, whose runs spend 6 (N + ATTN) D.
     labels = [p["label"] for p in f["predictions"]]
     assert labels == ["budget"] * 3 + ["10x largest", "100x largest"]
-    largest = max(b["C"] for b in f["budgets"])
-    assert f["predictions"][-1]["C"] == pytest.approx(100 * largest)
+    largest = max(f["budgets"], key=lambda b: b["total_flops"])
+    assert f["predictions"][-1]["C_6ND"] == pytest.approx(100 * largest["C_6ND"])
+    assert f["predictions"][-1]["total_flops"] == pytest.approx(100 * largest["total_flops"])
     for p in f["predictions"]:
-      for src in ("approach3", "approach2"):
-        assert 6 * p[src]["N_opt"] * p[src]["D_opt"] == pytest.approx(p["C"], rel=1e-9)
-      lo, hi = p["approach3"]["N_opt_ci"]
-      assert lo <= p["approach3"]["N_opt"] <= hi
+      a3p, a2p = p["approach3"], p["approach2"]
+      assert 6 * a3p["N_opt"] * a3p["D_opt"] == pytest.approx(p["C_6ND"], rel=1e-9)
+      # (the N* and D* lines are fitted apart, through noisy minima: consistent to 5%)
+      assert 6 * (a2p["N_opt"] + ATTN) * a2p["D_opt"] == pytest.approx(p["total_flops"],
+                                                                       rel=0.05)
+      lo, hi = a3p["N_opt_ci"]
+      assert lo <= a3p["N_opt"] <= hi
       # Within a factor 2 of the generating law's optimum (C here is 6ND, as in the law).
-      assert 0.5 < p["approach3"]["N_opt"] / n_opt(law, p["C"]) < 2.0
+      assert 0.5 < a3p["N_opt"] / n_opt(law, p["C_6ND"]) < 2.0
 
 
 def test_cli_lists_problems(cli_run, sweep_root):
@@ -155,12 +174,18 @@ def test_cli_lists_problems(cli_run, sweep_root):
 
 
 def test_sparse_laws_skipped_with_reason(cli_run):
-  data = json.loads((cli_run[1] / "fits.json").read_text())
+  # The moe family has 4x as many total as active parameters: not weight sparsity, so auto
+  # skips the Frantar law (one line in the report, nothing on stderr) and fits nothing.
+  proc, out = cli_run
+  data = json.loads((out / "fits.json").read_text())
   frantar = data["sparse_laws"]["frantar"]
   assert frantar["fits"] == []
-  pooled = [s for s in frantar["skipped"] if s["scope"] == "all families"][0]
-  assert "S does not vary enough (0, 0.75" in pooled["reason"]
+  (skip,) = frantar["skipped"]
+  assert skip["reason"].startswith("no run records weight_sparsity > 0")
+  assert f"- not fitted for all families: {skip['reason']}" in (out / "REPORT.md").read_text()
+  assert "weight_sparsity" not in proc.stderr
   assert data["sparse_laws"]["granularity"]["fits"] == []
+  assert all(r["S"] is None and r["G"] is None for r in data["runs"])
 
 
 def test_fit_output_is_deterministic(cli_run, sweep_root, tmp_path, capsys):
@@ -308,15 +333,14 @@ def test_sparse_law_errors_and_sparsity():
     sl.fit_frantar(np.full(20, 1.0), n, d, np.full(20, 2.0))
   with pytest.raises(ValueError, match="G must be strictly positive"):
     sl.fit_granularity(np.zeros(20), n, d, np.full(20, 2.0))
-  np.testing.assert_allclose(sl.sparsity([25.0, 100.0], [100.0, 100.0]), [0.75, 0.0])
-  with pytest.raises(ValueError, match="active params exceed total"):
-    sl.sparsity([2.0], [1.0])
+  assert not hasattr(sl, "sparsity")  # 1 - active/total is no input to the Frantar law
 
 
 @pytest.mark.parametrize("form", ["frantar", "granularity"])
 def test_cli_fits_a_sparse_law_where_its_axis_varies(tmp_path, form):
-  """Noiseless runs from a known sparse law: S varies across three families (Frantar, pooled
-  scope) or G within one family (granularity override); the CLI's fit recovers the exponents."""
+  """Noiseless runs from a known sparse law: the weight sparsity S varies across three families
+  (Frantar, pooled scope; record field weight_sparsity) or G within one family (record field
+  granularity); the CLI's fit recovers the exponents."""
   from sparsejax.scaling import report
   law = LAWS["dense"]
   points = [(n, budget / (6 * (n + ATTN))) for budget in BUDGETS
@@ -326,15 +350,19 @@ def test_cli_fits_a_sparse_law_where_its_axis_varies(tmp_path, form):
     for family, s in (("dense", 0.0), ("moe2", 0.5), ("moe4", 0.75)):
       for i, (n, d) in enumerate(points):
         loss = float(sl.frantar_loss(s, n, d, **FRANTAR))
-        write_record(tmp_path, f"{family}-{i}",
-                     base_record(f"{family}-{i}", family, n, d, loss, n / (1 - s)))
+        rec = base_record(f"{family}-{i}", family, n, d, loss, n / (1 - s))
+        write_record(tmp_path, f"{family}-{i}", {**rec, "weight_sparsity": s})
+    for i, (n, d) in enumerate(points[:3]):  # activation-sparse MoE runs: no Frantar input
+      rec = base_record(f"moe-{i}", "moe", n, d, float(sl.frantar_loss(0.75, n, d, **FRANTAR)),
+                        4 * n)
+      write_record(tmp_path, f"moe-{i}", {**rec, "granularity": 1})
   else:
     truth, scope = KRAJEWSKI, "moe"
     for g in (1, 2, 4):
       for i, (n, d) in enumerate(points):
         rec = base_record(f"moe-g{g}-{i}", "moe", n, d,
                           float(sl.granularity_loss(g, n, d, **KRAJEWSKI)), n)
-        write_record(tmp_path, f"moe-g{g}-{i}", {**rec, "overrides": {"moe.granularity": g}})
+        write_record(tmp_path, f"moe-g{g}-{i}", {**rec, "granularity": g})
   data = fitcli.to_json(fitcli.analyze(tmp_path, bootstrap=0, sparse=form))
   assert list(data["sparse_laws"]) == [form]
   (fit,) = data["sparse_laws"][form]["fits"]

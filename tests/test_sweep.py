@@ -92,6 +92,12 @@ def test_run_skip_resume_and_changed_definition(tmp_path, sweep_file, default_da
     assert rec["family"] == "dense-tiny" and rec["wall_s"] > 0
     assert rec["run_id"] == f"{rec['name']}@{rec['config_hash'][:12]}"
     assert rec["params_active_avg"] == rec["params_active_per_token"]
+    # Both N of the fits, the head at the true vocabulary (257 of 384 rows); no MoE layer.
+    d = 64
+    assert (rec["vocab_size"], rec["vocab_rows"]) == (257, 384)
+    assert rec["params_active_per_token"] - rec["params_active_total"] == (384 - 257) * d
+    assert rec["params_active_total"] - rec["params_active_non_embedding"] == 257 * d
+    assert (rec["granularity"], rec["num_experts"], rec["top_k"]) == (None, None, None)
     assert rec["xla_flops_devices"] == 1 and rec["xla_flops_convention"].startswith("XLA")
     assert rec["xla_flops_total"] == rec["xla_flops_per_step"] * 3
     # XLA counts everything the analytic convention does, plus ~11% (see test below)

@@ -3,7 +3,7 @@ report.
 
   python -m sparsejax.scaling.analyze --root runs/isoflop_tiny [--out DIR] [--bootstrap 100]
       [--huber-delta 1e-3] [--loss eval_loss|eval_loss_smoothed]
-      [--sparse auto|none|frantar|granularity] [--n-field params_active_per_token]
+      [--sparse auto|none|frantar|granularity] [--n total|non_embedding | --n-field FIELD]
       [--budget-tol 0.3] [--no-plots]
 
 Reads every ``ROOT/*/record.json`` (sparsejax.scaling.records.load_records) and writes to OUT
@@ -14,33 +14,45 @@ fitted.
 
 Per family (the record's ``family``, i.e. the config name; sparsejax.scaling.family_fits):
   * Chinchilla approach 3: ``L = E + A/N^alpha + B/D^beta`` (sparsejax.scaling.fit), bootstrap
-    (5%, 95%) intervals, ``N_opt ∝ C^a``, ``D_opt ∝ C^b``.
+    (5%, 95%) intervals, ``N_opt ∝ C^a``, ``D_opt ∝ C^b`` with C = 6ND.
   * Approach 2: runs are grouped into isoFLOP budgets by their recorded ``total_flops`` (sorted,
     a new budget starts when it exceeds the budget's smallest by more than ``--budget-tol``); a
     budget needs 3 distinct sizes, the fit 2 such budgets, else the report says why it is skipped.
+    Its power laws are in the grouping quantity: ``N* ∝ F^a``, ``D* ∝ F^b`` with F the budget's
+    geometric-mean total_flops (D* read off the budget's runs at N*).
   * Compute-optimal N, D (and loss) at the family's budgets and at 10x / 100x the largest.
   * Warnings (report and headline) where a fit looks degenerate: alpha or beta outside (0, 2],
     E ~ 0, approach-2 slope outside (0, 1), or a line through only 2 budgets.
 Sparse laws (sparsejax.scaling.sparse_fits over sparsejax.scaling.sparse_laws) are fitted where
 their axis varies (``auto``): the Frantar et al. form over S per family and pooled over all
-families, the fine-grained MoE form over G per family.
+families (weight-sparse runs only), the fine-grained MoE form over G per family.
 
 Conventions (also written into the report and fits.json):
-  N  ``--n-field`` of the record, by default ``params_active_per_token``: the matmul weights one
-     token passes through (output head included, input embedding excluded; every matmul weight
-     for dense, only the experts a token is routed to for MoE; sparsejax.models.accounting).
-  D  training tokens (``tokens``).  C  ``6 N D``, the compute every fit and plot uses (the
-     records' ``total_flops``, 6N + attention, only groups runs into budgets).
-  S  ``1 - params_active_per_token / params_total`` (params_total counts the input embedding,
-     so an untied-embedding dense model gets S = embedding share > 0, not 0).
-  G  ``overrides["moe.granularity"]``, 1 when not overridden (a base config's own value is not
-     in the record).
+  N  ``--n total`` (the default): ``params_active_total``, the matmul weights one token passes
+     through — every block weight it uses (MoE: its routed + shared experts only) plus the output
+     head at the TRUE vocabulary; the input embedding (a lookup) is excluded. Chinchilla-style:
+     the head is a matmul every token pays for (20-44% of the compute at the tiny widths), so
+     only with it is 6ND the compute. ``--n non_embedding``: ``params_active_non_embedding``,
+     the same without the head (Kaplan-style). ``--n-field`` names any other record field
+     (``params_active_per_token``: head at the padded rows, the only N of records written before
+     the two above; ``params_active_avg``; ``params_total``). sparsejax.models.accounting.
+  D  training tokens (``tokens``).
+  C  ``6 N D`` with that N: approach 3's compute (fits, predictions, frontier).
+  F  the records' ``total_flops`` (6 x active params with the padded head + causal attention,
+     per token, x D; sparsejax.models.accounting): groups runs into isoFLOP budgets and is the
+     compute axis of approach 2. Budgets are labelled by it.
+  S  the record's ``weight_sparsity`` (fraction of pruned weights), for the Frantar law only;
+     runs without it (MoE, PEER, memory and dense runs of today's families) are no input.
+  G  the record's ``granularity`` (the resolved Config's ``config.moe.granularity``, a base
+     config's own value included) for runs with MoE layers, none otherwise; records written
+     before that key fall back to ``overrides["moe.granularity"]`` (1 without one), noted in
+     the report.
 
 Fits run with one OpenBLAS thread (sparse_laws.single_threaded_blas): L-BFGS-B on a handful of
 parameters is dominated by thread synchronisation otherwise.
 
 Exit status: 0 report written; 1 report written but no family could be fitted; 2 bad arguments,
-or no usable record (one-line error).
+no usable record, or ``--sparse frantar`` without weight-sparse runs (one-line error).
 """
 
 from __future__ import annotations
@@ -57,18 +69,31 @@ from tqdm import tqdm
 
 from sparsejax.scaling import report, sparse_laws
 from sparsejax.scaling.family_fits import FitError, fit_family
-from sparsejax.scaling.sparse_fits import SPARSE_MODES, fit_sparse
+from sparsejax.scaling.sparse_fits import (FRANTAR_NEEDS_WEIGHT_SPARSITY, SPARSE_MODES,
+                                           fit_sparse, has_weight_sparsity)
 from sparsejax.scaling.records import RECORD, load_records
 
 N_FIELDS = {
-    "params_active_per_token": "N = active parameters per token (matmul weights a token passes "
-                               "through, output head included, input embedding excluded)",
-    "params_active_avg": "N = params_active_avg (active parameters per token averaged over the "
-                         "run's steps)",
-    "params_total": "N = total parameters (every weight, embeddings and all experts included)",
+    "params_active_total": "N = params_active_total: active matmul weights per token with the "
+                           "output head at the true vocabulary, input embedding excluded "
+                           "(Chinchilla-style total)",
+    "params_active_non_embedding": "N = params_active_non_embedding: active matmul weights per "
+                                   "token without the output head and input embedding "
+                                   "(Kaplan-style non-embedding)",
+    "params_active_per_token": "N = params_active_per_token: active matmul weights per token "
+                               "with the output head at the PADDED vocabulary rows (the N of old "
+                               "records)",
+    "params_active_avg": "N = params_active_avg (params_active_per_token averaged over the run's "
+                         "steps)",
+    "params_total": "N = total parameters (every stored weight, embeddings, padded rows and all "
+                    "experts included)",
 }
+N_CHOICES = {"total": "params_active_total", "non_embedding": "params_active_non_embedding"}
+DEFAULT_N = "total"
+DEFAULT_N_FIELD = N_CHOICES[DEFAULT_N]
 LOSS_FIELDS = ("eval_loss", "eval_loss_smoothed")
 COMPUTE = "C = 6 N D"
+BUDGET = "total FLOPs, 6N+attn"  # what isoFLOP budgets are grouped by and labelled with
 
 
 # ----------------------------------------------------------------------------- records -> rows
@@ -81,7 +106,11 @@ def _positive(rec: dict, key: str) -> float:
   return float(v)
 
 
-def _granularity(rec: dict) -> float:
+def _granularity(rec: dict) -> tuple[float | None, str]:
+  """(G, source): the record's ``granularity`` (None: no MoE layer), else for records written
+  before that key the ``moe.granularity`` override (1 without one)."""
+  if "granularity" in rec:
+    return (None if rec["granularity"] is None else _positive(rec, "granularity")), "record"
   v = (rec.get("overrides") or {}).get("moe.granularity", 1)
   try:
     g = float(v)
@@ -89,7 +118,24 @@ def _granularity(rec: dict) -> float:
     raise ValueError(f"overrides moe.granularity is {v!r}, not a number") from None
   if not (math.isfinite(g) and g > 0):
     raise ValueError(f"overrides moe.granularity is {v!r}, not positive")
-  return g
+  return g, "overrides (old record)"
+
+
+def _weight_sparsity(rec: dict) -> float | None:
+  v = rec.get("weight_sparsity")
+  if v is None:
+    return None
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+    raise ValueError(f"weight_sparsity is {v!r}, not a fraction in [0, 1)")
+  return float(v)
+
+
+def _missing_n_reason(rec: dict, n_field: str) -> str:
+  if n_field in N_CHOICES.values() and "params_active_per_token" in rec:
+    return (f"no {n_field} (record written before N was counted at the true vocabulary; re-run "
+            "its sweep into a new --root, or fit old records with --n-field "
+            "params_active_per_token: head at the padded rows)")
+  return f"no {n_field}"
 
 
 def to_row(rec: dict, path: str, loss: str, n_field: str) -> dict:
@@ -99,23 +145,21 @@ def to_row(rec: dict, path: str, loss: str, n_field: str) -> dict:
   family = rec.get("family")
   if not isinstance(family, str) or not family:
     raise ValueError(f"family is {family!r}")
+  if n_field not in rec:
+    raise ValueError(_missing_n_reason(rec, n_field))
   N, D = _positive(rec, n_field), _positive(rec, "tokens")
+  G, g_source = _granularity(rec)
   row = {"name": str(rec.get("name", pathlib.Path(path).parent.name)), "family": family,
          "file": path, "N": N, "D": D, "C": 6.0 * N * D,
          "total_flops": _positive(rec, "total_flops"), "L": _positive(rec, loss),
-         "G": _granularity(rec), "S": None, "wall_s": None}
-  try:
-    row["S"] = float(sparse_laws.sparsity([_positive(rec, "params_active_per_token")],
-                                          [_positive(rec, "params_total")])[0])
-  except ValueError:
-    pass  # no sparsity: the run stays out of the Frantar fits only
+         "G": G, "G_source": g_source, "S": _weight_sparsity(rec), "wall_s": None}
   w = rec.get("wall_s")
   if isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w):
     row["wall_s"] = float(w)
   return row
 
 
-def collect(root, loss: str = "eval_loss", n_field: str = "params_active_per_token"):
+def collect(root, loss: str = "eval_loss", n_field: str = DEFAULT_N_FIELD):
   """(rows, problems): usable runs and ``{"name", "file", "reason"}`` for every record left out."""
   root = pathlib.Path(root)
   if not root.is_dir():
@@ -138,12 +182,55 @@ def collect(root, loss: str = "eval_loss", n_field: str = "params_active_per_tok
   return rows, problems
 
 
+def _notes(rows: list[dict], problems: list[dict], n_field: str) -> list[str]:
+  """What the reader must know about old records (fitted with a fallback, or left out)."""
+  notes = []
+  old_n = [p["name"] for p in problems if p["reason"].startswith(f"no {n_field} (record written")]
+  if old_n:
+    notes.append(f"{len(old_n)} record(s) lack {n_field} (written before N was counted at the "
+                 "true vocabulary) and are left out: " + ", ".join(old_n[:5]) +
+                 (", ..." if len(old_n) > 5 else "") + "; --n-field params_active_per_token "
+                 "fits them with the head at the padded rows")
+  old_g = [r["name"] for r in rows if r["G_source"] != "record"]
+  if old_g:
+    notes.append(f"{len(old_g)} record(s) lack granularity (written before it was recorded): "
+                 "their G is overrides['moe.granularity'], 1 without one, so a base config's own "
+                 "granularity is not seen: " + ", ".join(old_g[:5]) +
+                 (", ..." if len(old_g) > 5 else ""))
+  return notes
+
+
+def conventions(n_field: str, loss: str, *, bootstrap: int, huber_delta: float, seed: int,
+                budget_tol: float) -> dict:
+  n = next((k for k, v in N_CHOICES.items() if v == n_field), None)
+  return {"N": N_FIELDS[n_field], "n_field": n_field, "n": n,
+          "n_default": f"--n {DEFAULT_N} ({DEFAULT_N_FIELD})", "n_default_field": DEFAULT_N_FIELD,
+          "D": "D = training tokens (record field tokens)",
+          "C": f"{COMPUTE} with this N: approach 3's compute (fits, predictions, frontier)",
+          "F": "F = the records' total_flops (6 x active params with the padded head + causal "
+               "attention, per token, x D): groups runs into isoFLOP budgets (labelled "
+               f"'budget ({BUDGET})', geometric mean of the budget's runs) and is approach 2's "
+               "compute axis",
+          "budget": BUDGET,
+          "L": f"L = {loss}", "loss_field": loss,
+          "S": "S = the record's weight_sparsity (fraction of pruned weights), Frantar law only; "
+               "runs without it are no Frantar input (MoE / PEER / memory conditional "
+               "computation is not weight sparsity)",
+          "G": "G = the record's granularity (the resolved config.moe.granularity) for runs "
+               "with MoE layers, none otherwise; older records: overrides['moe.granularity'] "
+               "(default 1)",
+          "intervals": f"bootstrap (5%, 95%) percentiles, {bootstrap} resamples",
+          "huber_delta": huber_delta, "bootstrap": bootstrap, "seed": seed,
+          "budget_tol": budget_tol}
+
+
 def analyze(root, *, progress: bool = False, loss: str = "eval_loss",
-            n_field: str = "params_active_per_token",
+            n_field: str = DEFAULT_N_FIELD,
             huber_delta: float = 1e-3, bootstrap: int = 100, seed: int = 0,
             budget_tol: float = 0.3, sparse: str = "auto") -> dict:
   """Everything the report shows, as one JSON-able dict (NaN kept; ``to_json`` maps it to null).
-  Raises FitError when nothing is usable."""
+  Raises FitError when nothing is usable, or for ``sparse="frantar"`` without weight-sparse runs.
+  """
   if loss not in LOSS_FIELDS:
     raise FitError(f"--loss {loss!r}: expected one of {LOSS_FIELDS}")
   if n_field not in N_FIELDS:
@@ -158,6 +245,8 @@ def analyze(root, *, progress: bool = False, loss: str = "eval_loss",
   if not rows:
     raise FitError(f"no usable record in {root}: {len(problems)} left out (first: "
                    f"{problems[0]['name']}: {problems[0]['reason']})", problems)
+  if sparse == "frantar" and not has_weight_sparsity(rows):
+    raise FitError(FRANTAR_NEEDS_WEIGHT_SPARSITY, problems)
   by_family: dict[str, list[dict]] = {}
   for r in rows:
     by_family.setdefault(r["family"], []).append(r)
@@ -170,15 +259,9 @@ def analyze(root, *, progress: bool = False, loss: str = "eval_loss",
                                   disable=not progress)}
   return {
       "root": str(root),
-      "conventions": {"N": N_FIELDS[n_field], "n_field": n_field, "D": "D = training tokens",
-                      "C": f"{COMPUTE} (training FLOPs; the records' total_flops, 6N + "
-                           "attention, only group runs into isoFLOP budgets)",
-                      "L": f"L = {loss}", "loss_field": loss,
-                      "S": "S = 1 - params_active_per_token / params_total",
-                      "G": "G = overrides['moe.granularity'] (default 1)",
-                      "intervals": f"bootstrap (5%, 95%) percentiles, {bootstrap} resamples",
-                      "huber_delta": huber_delta, "bootstrap": bootstrap, "seed": seed,
-                      "budget_tol": budget_tol},
+      "conventions": conventions(n_field, loss, bootstrap=bootstrap, huber_delta=huber_delta,
+                                 seed=seed, budget_tol=budget_tol),
+      "notes": _notes(rows, problems, n_field),
       "problems": problems,
       "runs": rows,
       "families": families,
@@ -224,8 +307,13 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--loss", default="eval_loss", choices=LOSS_FIELDS, help="record loss field")
   ap.add_argument("--sparse", default="auto", choices=SPARSE_MODES,
                   help="sparse laws to fit (auto: those whose axis varies)")
-  ap.add_argument("--n-field", default="params_active_per_token", choices=tuple(N_FIELDS),
-                  help="record field used as N")
+  n_group = ap.add_mutually_exclusive_group()
+  n_group.add_argument("--n", default=None, choices=tuple(N_CHOICES),
+                       help=f"N of the fits (default {DEFAULT_N}): total = {N_CHOICES['total']} "
+                            "(head at the true vocabulary), non_embedding = "
+                            f"{N_CHOICES['non_embedding']}")
+  n_group.add_argument("--n-field", default=None, choices=tuple(N_FIELDS),
+                       help="record field used as N (instead of --n)")
   ap.add_argument("--budget-tol", type=float, default=0.3,
                   help="isoFLOP grouping: relative total_flops spread within one budget")
   ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -233,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
   a = ap.parse_args(argv)
   prog = "sparsejax.scaling.analyze"
   try:
-    result = analyze(a.root, progress=True, loss=a.loss, n_field=a.n_field, huber_delta=a.huber_delta,
+    n_field = a.n_field or N_CHOICES[a.n or DEFAULT_N]
+    result = analyze(a.root, progress=True, loss=a.loss, n_field=n_field, huber_delta=a.huber_delta,
                      bootstrap=a.bootstrap, seed=a.seed, budget_tol=a.budget_tol,
                      sparse=a.sparse)
   except FitError as e:

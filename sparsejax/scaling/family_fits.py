@@ -2,6 +2,14 @@
 sparsejax.scaling.analyze): isoFLOP budgets, Chinchilla approach 3 and approach 2
 (sparsejax.scaling.fit), compute-optimal predictions at the budgets and beyond, and warnings where
 a fit looks degenerate. The conventions are in the docstring of sparsejax.scaling.analyze.
+
+Two compute measures, each named by its key (fits.json):
+  ``total_flops``  the records' training FLOPs (6N + attention, padded head; what the runs
+                   executed): runs are GROUPED into budgets by it, and approach 2 regresses on it
+                   (a budget's value: the geometric mean of its runs').
+  ``C_6ND``        C = 6ND with the fit's N: approach 3's compute (its predictions, frontier).
+A budget carries both; a prediction is made at both (approach 3 at ``C_6ND``, approach 2 at
+``total_flops``).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ def _geomean(xs) -> float:
 
 def _budget_summary(group: list[dict]) -> dict:
   flops = [r["total_flops"] for r in group]
-  return {"C": _geomean([r["C"] for r in group]), "total_flops": _geomean(flops),
+  return {"total_flops": _geomean(flops), "C_6ND": _geomean([r["C"] for r in group]),
           "flops_spread": max(flops) / min(flops), "runs": len(group),
           "sizes": len({round(r["N"], 6) for r in group}), "names": [r["name"] for r in group]}
 
@@ -80,28 +88,33 @@ def _optimal_interval(fit, C: float):
 
 
 def _approach2(groups: list[list[dict]]) -> tuple[dict, object]:
+  """Isoflop parabolas per budget; the power laws are in the budgets' total_flops (the quantity
+  that grouped them), D* read off each budget's runs."""
   usable, skipped = [], []
   for g in groups:
     b = _budget_summary(g)
     if b["sizes"] < 3:
-      skipped.append({"C": b["C"], "reason": f"{b['sizes']} distinct size(s); a parabola needs 3"})
+      skipped.append({"total_flops": b["total_flops"],
+                      "reason": f"{b['sizes']} distinct size(s); a parabola needs 3"})
     else:
-      usable.append((b["C"], g))
+      usable.append((b["total_flops"], g))
   if len(usable) < 2:
     return {"skipped": f"{len(usable)} budget(s) with >= 3 sizes of {len(groups)}; approach 2 "
                        "needs 2", "skipped_budgets": skipped}, None
-  C = [c for c, g in usable for _ in g]
+  F = [f for f, g in usable for _ in g]
   try:
-    fit = fit_approach2(C, [r["N"] for _, g in usable for r in g],
-                        [r["L"] for _, g in usable for r in g])
+    fit = fit_approach2(F, [r["N"] for _, g in usable for r in g],
+                        [r["L"] for _, g in usable for r in g],
+                        [r["D"] for _, g in usable for r in g])
   except ValueError as e:
     return {"skipped": str(e), "skipped_budgets": skipped}, None
-  minima = [{"C": m.C, "N_opt": m.N_opt, "D_opt": m.D_opt, "L_opt": m.L_opt,
+  minima = [{"total_flops": m.C, "N_opt": m.N_opt, "D_opt": m.D_opt, "L_opt": m.L_opt,
              "coeffs": list(m.coeffs), "n_points": m.n_points, "log_n_range": list(m.log_n_range),
              "positive_curvature": m.positive_curvature, "in_range": m.in_range, "ok": m.ok}
             for m in fit.minima]
-  return {"a": fit.a, "b": fit.b, "n_intercept": fit.n_intercept, "d_intercept": fit.d_intercept,
-          "n_used": fit.n_used, "minima": minima, "skipped_budgets": skipped}, fit
+  return {"compute": "total_flops", "a": fit.a, "b": fit.b, "n_intercept": fit.n_intercept,
+          "d_intercept": fit.d_intercept, "n_used": fit.n_used, "minima": minima,
+          "skipped_budgets": skipped}, fit
 
 
 def fit_family(rows: list[dict], *, huber_delta: float, bootstrap: int, seed: int,
@@ -118,19 +131,20 @@ def fit_family(rows: list[dict], *, huber_delta: float, bootstrap: int, seed: in
   out["approach2"], fit2 = _approach2(groups)
   for r in rows:
     r["L_pred"] = None if fit3 is None else float(fit3.predict(r["N"], r["D"]))
-  largest = max(b["C"] for b in out["budgets"])
-  targets = [(b["C"], "budget") for b in out["budgets"]]
-  targets += [(f * largest, f"{f:g}x largest") for f in EXTRAPOLATE]
+  last = max(out["budgets"], key=lambda b: b["total_flops"])
+  targets = [(b["total_flops"], b["C_6ND"], "budget") for b in out["budgets"]]
+  targets += [(f * last["total_flops"], f * last["C_6ND"], f"{f:g}x largest")
+              for f in EXTRAPOLATE]
   preds = []
-  for C, label in targets:
-    p = {"C": C, "label": label, "approach3": None, "approach2": None}
+  for F, C, label in targets:
+    p = {"total_flops": F, "C_6ND": C, "label": label, "approach3": None, "approach2": None}
     if fit3 is not None:
       n, d = (float(v) for v in fit3.optimal(C))
       n_ci, d_ci = _optimal_interval(fit3, C)
       p["approach3"] = {"N_opt": n, "D_opt": d, "L_opt": float(fit3.predict(n, d)),
                         "N_opt_ci": n_ci, "D_opt_ci": d_ci}
     if fit2 is not None:
-      n, d = (float(v) for v in fit2.optimal(C))
+      n, d = (float(v) for v in fit2.optimal(F))
       p["approach2"] = {"N_opt": n, "D_opt": d}
     preds.append(p)
   out["predictions"] = preds

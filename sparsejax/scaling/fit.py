@@ -10,6 +10,9 @@ L-BFGS-B (analytic gradient) from a grid of initialisations and keeping the best
 
 Approach 2 fits, for every isoFLOP budget C, a parabola of L against log N, takes its minimum
 N*(C), then fits ``log N* = a*log C + const`` (so ``D_opt = C/(6 N_opt)`` scales with ``b = 1-a``).
+Where the budget is another compute measure than 6ND (the sweep's recorded total FLOPs, 6N +
+attention), pass the runs' D too: each budget's D* is then read off its runs (a parabola of
+log D against log N, least squares, at N*) and ``log D* = b*log C + const`` is fitted on its own.
 
 Everything is numpy/scipy float64; no JAX.
 """
@@ -268,6 +271,7 @@ class IsoFlopMinimum:
   log_n_range: tuple[float, float]
   positive_curvature: bool
   in_range: bool
+  D_star: float | None = None  # D at N* read off the budget's runs (fit_approach2 with D)
 
   @property
   def ok(self) -> bool:
@@ -276,12 +280,14 @@ class IsoFlopMinimum:
 
   @property
   def D_opt(self) -> float:
-    return self.C / (6.0 * self.N_opt)
+    """``D_star`` where the runs' D was given, else ``C / (6 N*)`` (C = 6ND)."""
+    return self.D_star if self.D_star is not None else self.C / (6.0 * self.N_opt)
 
 
 @dataclasses.dataclass(frozen=True)
 class Approach2Result:
-  """``N_opt = exp(n_intercept) * C**a`` and ``D_opt = exp(d_intercept) * C**b``, ``b = 1 - a``.
+  """``N_opt = exp(n_intercept) * C**a`` and ``D_opt = exp(d_intercept) * C**b`` (``b = 1 - a``
+  when C = 6ND; fitted on its own when the runs' D was given).
 
   ``minima`` lists every budget (sorted by C); only those with ``ok`` enter the fit.
   """
@@ -303,20 +309,23 @@ class Approach2Result:
     return self.b, self.d_intercept
 
   def optimal(self, C):
-    """Compute-optimal ``(N_opt, D_opt)`` from the fitted lines; ``6 N D = C`` holds exactly."""
+    """Compute-optimal ``(N_opt, D_opt)`` from the fitted lines (``6 N D = C`` exactly when C
+    is 6ND, i.e. when fitted without D)."""
     C = np.asarray(C, dtype=np.float64)
-    n_opt = np.exp(self.n_intercept) * C ** self.a
-    return n_opt, C / (6.0 * n_opt)
+    return np.exp(self.n_intercept) * C ** self.a, np.exp(self.d_intercept) * C ** self.b
 
 
-def fit_approach2(C, N, L, *, range_margin: float = 0.1, rtol: float = 1e-6) -> Approach2Result:
-  """Chinchilla approach 2 from isoFLOP runs ``(C, N, L)``.
+def fit_approach2(C, N, L, D=None, *, range_margin: float = 0.1,
+                  rtol: float = 1e-6) -> Approach2Result:
+  """Chinchilla approach 2 from isoFLOP runs ``(C, N, L)`` (and their tokens D, when C is not
+  6ND).
 
   Runs are grouped by budget (C values equal within relative ``rtol``). For each group a parabola
   of L against log N is fitted (``numpy.polyfit`` deg 2); its vertex is the budget's N*(C), flagged
   not ok when the curvature is not positive or the vertex lies outside the sampled log N range
   widened by ``range_margin`` times its width on each side. A least-squares line through the ok
-  ``(log C, log N*)`` pairs gives ``a``; ``b = 1 - a``.
+  ``(log C, log N*)`` pairs gives ``a``; ``b = 1 - a`` without D, else a line through the
+  budgets' ``(log C, log D*)`` with D* from a least-squares parabola of log D on log N at N*.
 
   Raises ValueError for malformed inputs, a budget with fewer than 3 runs or fewer than 3 distinct
   N, or fewer than 2 usable budgets.
@@ -325,6 +334,9 @@ def fit_approach2(C, N, L, *, range_margin: float = 0.1, rtol: float = 1e-6) -> 
   N = _as_positive_1d("N", N)
   L = _as_positive_1d("L", L)
   _check_same_length(C=C, N=N, L=L)
+  log_d = None if D is None else np.log(_as_positive_1d("D", D))
+  if log_d is not None:
+    _check_same_length(C=C, D=log_d)
   if range_margin < 0:
     raise ValueError(f"range_margin must be >= 0, got {range_margin}")
 
@@ -355,9 +367,13 @@ def fit_approach2(C, N, L, *, range_margin: float = 0.1, rtol: float = 1e-6) -> 
       l_star = c0 - c1 * c1 / (4.0 * c2)
     else:
       x_star, in_range, l_star = float("nan"), False, float("nan")
+    d_star = None
+    if log_d is not None and positive:
+      d_star = float(np.exp(np.polyval(np.polyfit(x, log_d[idx], 2), x_star)))
     minima.append(IsoFlopMinimum(C=c, N_opt=float(np.exp(x_star)), L_opt=float(l_star),
                                  coeffs=(c2, c1, c0), n_points=len(idx), log_n_range=(lo, hi),
-                                 positive_curvature=bool(positive), in_range=bool(in_range)))
+                                 positive_curvature=bool(positive), in_range=bool(in_range),
+                                 D_star=d_star))
 
   used = [m for m in minima if m.ok]
   if len(used) < 2:
@@ -366,6 +382,9 @@ def fit_approach2(C, N, L, *, range_margin: float = 0.1, rtol: float = 1e-6) -> 
   xs = np.log([m.C for m in used])
   ys = np.log([m.N_opt for m in used])
   a, n_int = (float(v) for v in np.polyfit(xs, ys, 1))
-  # log D* = log C - log 6 - log N* = (1 - a) log C - log 6 - n_int.
-  return Approach2Result(minima=tuple(minima), a=a, n_intercept=n_int, b=1.0 - a,
-                         d_intercept=float(-np.log(6.0) - n_int), n_used=len(used))
+  if log_d is None:  # log D* = log C - log 6 - log N* = (1 - a) log C - log 6 - n_int.
+    b, d_int = 1.0 - a, float(-np.log(6.0) - n_int)
+  else:
+    b, d_int = (float(v) for v in np.polyfit(xs, np.log([m.D_opt for m in used]), 1))
+  return Approach2Result(minima=tuple(minima), a=a, n_intercept=n_int, b=b,
+                         d_intercept=d_int, n_used=len(used))

@@ -5,8 +5,10 @@ matplotlib is imported here only (rendered with the Agg canvas, no pyplot, no GU
 stays importable without it. File names are fixed; one colour per family (sorted names):
   loss_vs_compute.png      loss against C = 6ND: runs, and each family's approach-3
                            compute-optimal frontier (dashed beyond the largest budget)
-  isoflop_<family>.png     loss against N per isoFLOP budget, the approach-2 parabola, its minimum
-  optimal_allocation.png   N_opt(C) and D_opt(C): approach-2 minima and line, approach-3 line
+  isoflop_<family>.png     loss against N per isoFLOP budget (labelled by its total FLOPs F,
+                           6N+attn, the quantity that grouped it), the parabola, its minimum
+  optimal_allocation.png   N_opt and D_opt against compute: approach 3 against C = 6ND,
+                           approach 2 (minima and line) against F
   residuals.png            approach-3 prediction against observation, and relative residuals
 """
 
@@ -45,9 +47,11 @@ def _a3_frontier(a3: dict, C: np.ndarray):
   return n, d, a3["E"] + a3["A"] / n ** a3["alpha"] + a3["B"] / d ** a3["beta"]
 
 
-def _c_range(fam: dict, runs: list[dict]) -> tuple[np.ndarray, float]:
-  lo = min(r["C"] for r in runs) / 2
-  hi = max(b["C"] for b in fam["budgets"])
+def _c_range(fam: dict, runs: list[dict], key: str = "C") -> tuple[np.ndarray, float]:
+  """A compute grid from half the smallest run to 100x the largest budget: C = 6ND (key "C")
+  or F = total_flops (key "total_flops")."""
+  lo = min(r[key] for r in runs) / 2
+  hi = max(b["C_6ND" if key == "C" else key] for b in fam["budgets"])
   return np.geomspace(lo, hi * 100, 200), hi
 
 
@@ -92,8 +96,9 @@ def isoflop(data: dict, fam: str, out: pathlib.Path) -> str:
     c = f"C{i % 10}"
     runs = sorted((by_name[n] for n in b["names"]), key=lambda r: r["N"])
     ax.plot([r["N"] for r in runs], [r["L"] for r in runs], "o", color=c, ms=5,
-            label=f"C = {b['C']:.3g}")
-    m = next((m for m in minima if np.isclose(m["C"], b["C"], rtol=1e-6)), None)
+            label=f"F = {b['total_flops']:.3g}")
+    m = next((m for m in minima if np.isclose(m["total_flops"], b["total_flops"], rtol=1e-6)),
+             None)
     if m is None:
       continue
     x = np.linspace(*m["log_n_range"], 100)
@@ -104,7 +109,7 @@ def isoflop(data: dict, fam: str, out: pathlib.Path) -> str:
          ylabel=data["conventions"]["loss_field"],
          title=f"{fam}: isoFLOP curves (parabola in log N, ★ minimum)")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7, title="budget (6ND)", title_fontsize=7)
+  ax.legend(fontsize=7, title="budget (total FLOPs, 6N+attn)", title_fontsize=7)
   return _save(fig, out, f"isoflop_{safe_name(fam)}.png")
 
 
@@ -121,17 +126,21 @@ def optimal_allocation(data: dict, out: pathlib.Path) -> str:
       ax_d.plot(C, d, color=c, lw=1.5, label=f"{fam} appr. 3 (b={f['approach3']['b']:.3f})")
     a2 = f["approach2"]
     if "skipped" not in a2:
-      n2 = np.exp(a2["n_intercept"]) * C ** a2["a"]
-      ax_n.plot(C, n2, color=c, lw=1, ls="--", label=f"{fam} appr. 2 (a={a2['a']:.3f})")
-      ax_d.plot(C, C / (6 * n2), color=c, lw=1, ls="--", label=f"{fam} appr. 2 (b={a2['b']:.3f})")
+      F, _ = _c_range(f, runs, "total_flops")
+      n2 = np.exp(a2["n_intercept"]) * F ** a2["a"]
+      d2 = np.exp(a2["d_intercept"]) * F ** a2["b"]
+      ax_n.plot(F, n2, color=c, lw=1, ls="--", label=f"{fam} appr. 2 vs F (a={a2['a']:.3f})")
+      ax_d.plot(F, d2, color=c, lw=1, ls="--", label=f"{fam} appr. 2 vs F (b={a2['b']:.3f})")
       for m in a2["minima"]:
-        if m["N_opt"] is None:
+        if m["N_opt"] is None or m["D_opt"] is None:
           continue
         style = dict(color=c) if m["ok"] else dict(mfc="none", mec=c)
-        ax_n.plot(m["C"], m["N_opt"], "o", ms=6, **style)
-        ax_d.plot(m["C"], m["D_opt"], "o", ms=6, **style)
+        ax_n.plot(m["total_flops"], m["N_opt"], "o", ms=6, **style)
+        ax_d.plot(m["total_flops"], m["D_opt"], "o", ms=6, **style)
   for ax, what in ((ax_n, "N_opt"), (ax_d, "D_opt (tokens)")):
-    ax.set(xscale="log", yscale="log", xlabel="C = 6·N·D (FLOPs)", ylabel=what)
+    ax.set(xscale="log", yscale="log",
+           xlabel="compute (FLOPs): C = 6·N·D for appr. 3, F = total FLOPs (6N+attn) for appr. 2",
+           ylabel=what)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
   ax_n.set_title(f"Compute-optimal N ({data['conventions']['n_field']})", fontsize=10)

@@ -6,12 +6,24 @@ stack.
 Record keys (written by sparsejax.sweep.runner; ``load_records`` reads them all):
   name, run_id (name@config_hash[:12]), config_hash, family, base, overrides, seed, status
   ("running", "done", "incomplete" or "failed" with ``error``), steps, final_step, tokens,
-  params_total, params_active_per_token, params_active_avg (see
-  ``sparsejax.sweep.runner.params_active_avg``), flops_per_token, total_flops, flops_convention
+  params_total (stored weights, padded vocabulary rows included),
+  params_active_total (Chinchilla-style N: active matmul weights, output head at the true
+  vocabulary), params_active_non_embedding (Kaplan-style N: the same without the head),
+  params_active_per_token (active matmul weights, head at the padded rows: the N of records
+  written before the two above; sparsejax.models.accounting), vocab_size (true), vocab_rows
+  (padded), params_active_avg (see ``sparsejax.sweep.runner.params_active_avg``), granularity,
+  num_experts, top_k (the resolved Config's ``config.moe`` values when a layer is MoE, None
+  otherwise), flops_per_token, total_flops, flops_convention
   (analytic, sparsejax.models.accounting), xla_flops_per_step, xla_flops_devices, xla_flops_total
   (= per step x devices x steps), xla_flops_convention (XLA_FLOPS_CONVENTION), eval_loss
   (final), eval_loss_smoothed, eval_loss_smoothed_steps, eval_loss_smoothing (see
-  ``smoothed_eval_loss``), eval_bits_per_byte, wall_s.
+  ``smoothed_eval_loss``), eval_bits_per_byte, wall_s. ``weight_sparsity`` (fraction of pruned
+  weights, in [0, 1)) is reserved for weight-sparse runs: the Frantar et al. law is fitted on
+  those only; MoE / memory / PEER runs must not write it.
+
+Only ``_RECORD_KEYS`` are required: records written before a key existed still load (``NEW_KEYS``
+says since when; the fit CLI notes which records lack them). Where present, ``NUMBER_KEYS`` must
+be numbers or null.
 """
 
 from __future__ import annotations
@@ -30,6 +42,13 @@ XLA_FLOPS_CONVENTION = (
     "apart by XLA), gathers / scatters (0 FLOPs) and custom calls (cuDNN, Pallas kernels)")
 SMOOTH_EVALS = 3
 _RECORD_KEYS = ("name", "config_hash", "family", "base", "overrides", "status")
+# Keys added with issue 12 part 5 (N at the true vocabulary, granularity from the resolved
+# Config); older records lack them.
+NEW_KEYS = ("params_active_total", "params_active_non_embedding", "vocab_size", "vocab_rows",
+            "granularity", "num_experts", "top_k")
+NUMBER_KEYS = ("params_total", "params_active_per_token", "params_active_total",
+               "params_active_non_embedding", "granularity", "num_experts", "top_k",
+               "weight_sparsity")
 
 
 def read_record(path: pathlib.Path) -> dict:
@@ -43,6 +62,10 @@ def read_record(path: pathlib.Path) -> dict:
   missing = [k for k in _RECORD_KEYS if k not in rec]
   if missing:
     raise ValueError(f"missing keys {missing}")
+  for k in NUMBER_KEYS:
+    v = rec.get(k)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+      raise ValueError(f"{k} is {v!r}, not a number or null")
   return rec
 
 

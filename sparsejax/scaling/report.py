@@ -2,9 +2,11 @@
 to fits.json).
 
 ``headline(data)`` is the per-family table of fitted parameters with its conventions line,
-printable on its own; ``render`` ties it to the sweep summary, compute-optimal predictions, the
-approach-2 budgets, the sparse laws, the plots (relative links) and the records left out.
-Numbers are rounded here (3 significant digits); fits.json keeps full precision.
+printable on its own; ``render`` ties it to the N choice and the definitions of N, D, C, F, G,
+S and L (with notes on old records), the sweep summary, compute-optimal predictions, the
+approach-2 budgets (labelled by the total FLOPs that grouped them), the sparse laws, the plots
+(relative links) and the records left out. Numbers are rounded here (3 significant digits);
+fits.json keeps full precision.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import pathlib
 
 REPORT = "REPORT.md"
+BUDGET_LABEL = "total FLOPs, 6N+attn"
 
 
 def _g(x, digits: int = 3) -> str:
@@ -39,8 +42,20 @@ def _table(header, rows) -> list[str]:
 def _conventions_line(data: dict) -> str:
   c = data["conventions"]
   return (f"Fit L = E + A/N^α + B/D^β (Chinchilla approach 3, Huber δ={_g(c['huber_delta'])} on "
-          f"log L); {c['N']}; {c['D']}; C = 6ND, N_opt ∝ C^a, D_opt ∝ C^b; {c['L']}; brackets: "
-          f"{c['intervals']}.")
+          f"log L); {c['N']}; {c['D']}; C = 6ND, N_opt ∝ C^a, D_opt ∝ C^b; approach 2: "
+          f"N* ∝ F^a with F = budget ({c['budget']}); {c['L']}; brackets: {c['intervals']}.")
+
+
+def _n_choice(c: dict) -> str:
+  """The report header's statement of N: which field, whether it is the default, and why."""
+  chosen = f"`--n {c['n']}`" if c.get("n") else f"`--n-field {c['n_field']}`"
+  default = (" (the default)" if c["n_field"] == c["n_default_field"] else
+             f" (the default is {c['n_default']})")
+  return (f"**N** = `{c['n_field']}`, chosen by {chosen}{default}. The default is the "
+          "Chinchilla-style total (active matmul weights including the output head at the true "
+          "vocabulary): the head is a matmul every token pays for, a large share of the compute "
+          "at small widths, so only an N that includes it makes C = 6ND the training compute; "
+          "`--n non_embedding` gives the Kaplan-style count without the head.")
 
 
 def headline(data: dict) -> str:
@@ -56,7 +71,7 @@ def headline(data: dict) -> str:
     rows.append([fam, f["runs"], *(_ci(a3[k], iv.get(k)) for k in
                                     ("E", "A", "alpha", "B", "beta", "a", "b")), a2_cell])
   header = ["family", "runs", "E", "A", "α", "B", "β", "a (N_opt ∝ C^a)", "b (D_opt ∝ C^b)",
-            "a (approach 2)"]
+            "a (approach 2, N* ∝ F^a)"]
   warnings = [f"- ⚠ {fam}: {w}" for fam, f in data["families"].items()
               for w in f.get("warnings", [])]
   return "\n".join([_conventions_line(data), "", *_table(header, rows),
@@ -78,11 +93,11 @@ def _summary(data: dict) -> list[str]:
       walls_known = False
     else:
       wall += f["wall_s"]
-    budgets = ", ".join(f"{_g(b['C'])} ({b['runs']})" for b in f["budgets"])
+    budgets = ", ".join(f"{_g(b['total_flops'])} ({b['runs']})" for b in f["budgets"])
     rows.append([fam, f["runs"], f"{_g(min(r['N'] for r in rs))} – {_g(max(r['N'] for r in rs))}",
                  budgets, _g(c), _g(tf),
                  "–" if f["wall_s"] is None else f"{f['wall_s']:.0f} s"])
-  header = ["family", "runs fitted", "N range", "budgets C = 6ND (runs)", "Σ 6ND",
+  header = ["family", "runs fitted", "N range", f"budgets ({BUDGET_LABEL}) (runs)", "Σ 6ND",
             "Σ total_flops", "wall time"]
   out = [f"{len(data['runs'])} runs fitted in {len(data['families'])} famil"
          f"{'y' if len(data['families']) == 1 else 'ies'}, {len(data['problems'])} record(s) "
@@ -97,14 +112,15 @@ def _predictions(data: dict) -> list[str]:
   for fam, f in data["families"].items():
     for p in f["predictions"]:
       a3, a2 = p["approach3"], p["approach2"]
-      rows.append([fam, f"{_g(p['C'])} ({p['label']})",
+      rows.append([fam, p["label"], _g(p["total_flops"]), _g(p["C_6ND"]),
                    _ci(a3["N_opt"], a3["N_opt_ci"]) if a3 else "–",
                    _ci(a3["D_opt"], a3["D_opt_ci"]) if a3 else "–",
                    _g(a3["D_opt"] / a3["N_opt"]) if a3 else "–",
                    _g(a3["L_opt"]) if a3 else "–",
                    _g(a2["N_opt"]) if a2 else "–", _g(a2["D_opt"]) if a2 else "–"])
-  header = ["family", "C", "N_opt (appr. 3)", "D_opt (appr. 3)", "D/N", "L_opt (appr. 3)",
-            "N_opt (appr. 2)", "D_opt (appr. 2)"]
+  header = ["family", "at", f"budget ({BUDGET_LABEL})", "C = 6ND", "N_opt (appr. 3, at C)",
+            "D_opt (appr. 3)", "D/N", "L_opt (appr. 3)", "N_opt (appr. 2, at F)",
+            "D_opt (appr. 2)"]
   return _table(header, rows)
 
 
@@ -113,18 +129,19 @@ def _approach2(data: dict) -> list[str]:
   for fam, f in data["families"].items():
     a2 = f["approach2"]
     out.append(f"**{fam}**: " + (f"skipped: {a2['skipped']}." if "skipped" in a2 else
-                                f"N_opt ∝ C^{_g(a2['a'])}, D_opt ∝ C^{_g(a2['b'])} from "
-                                f"{a2['n_used']} budget(s)."))
+                                f"N* ∝ F^{_g(a2['a'])}, D* ∝ F^{_g(a2['b'])} from "
+                                f"{a2['n_used']} budget(s) (F = budget, {BUDGET_LABEL})."))
     rows = []
     for m in a2.get("minima", []):
       flag = "used" if m["ok"] else ("concave" if not m["positive_curvature"] else
                                      "minimum outside sampled N range")
-      rows.append([_g(m["C"]), m["n_points"], _g(m["N_opt"]), _g(m["D_opt"]), _g(m["L_opt"]),
-                   flag])
-    rows += [[_g(b["C"]), "–", "–", "–", "–", f"skipped: {b['reason']}"]
+      rows.append([_g(m["total_flops"]), m["n_points"], _g(m["N_opt"]), _g(m["D_opt"]),
+                   _g(m["L_opt"]), flag])
+    rows += [[_g(b["total_flops"]), "–", "–", "–", "–", f"skipped: {b['reason']}"]
              for b in a2.get("skipped_budgets", [])]
     if rows:
-      out += [""] + _table(["budget C", "runs", "N*", "D*", "L*", "status"], rows)
+      out += [""] + _table([f"budget ({BUDGET_LABEL})", "runs", "N*", "D*", "L*", "status"],
+                           rows)
     out.append("")
   return out
 
@@ -133,10 +150,8 @@ def _sparse(data: dict) -> list[str]:
   laws = data.get("sparse_laws") or {}
   if not laws:
     return ["Not requested (--sparse none)."]
-  out = ["S = 1 − params_active_per_token / params_total (MoE, PEER and memory layers: the "
-         "weights a token does not use count as pruned; params_total includes the input "
-         "embedding, so untied-embedding models get S > 0 from it); G = the run's "
-         "`moe.granularity` override (1 if none); N, D and L as above.", ""]
+  c = data["conventions"]
+  out = [f"{c['S']}. {c['G']}. N, D and L as above.", ""]
   for form, law in laws.items():
     out.append(f"**{law['title']}**: `{law['formula']}`")
     if law["fits"]:
@@ -151,19 +166,33 @@ def _sparse(data: dict) -> list[str]:
   return out
 
 
+def _definitions(data: dict) -> list[str]:
+  c = data["conventions"]
+  out = [f"- {c[k]}" for k in ("N", "D", "C", "F", "G", "S", "L")]
+  notes = data.get("notes") or []
+  if notes:
+    out += ["", "Notes on old records:", ""] + [f"- {n}" for n in notes]
+  return out
+
+
 def render(data: dict, images: list[tuple[str, str]]) -> str:
   lines = [f"# Scaling-law report: `{data['root']}`", "",
            "Written by `python -m sparsejax.scaling.analyze`; full-precision numbers in "
-           "`fits.json`.", "",
+           "`fits.json`.", "", _n_choice(data["conventions"]), "",
+           "## Definitions", "", *_definitions(data), "",
            "## Sweep summary", "", *_summary(data), "",
            "## Fitted parameters", "", headline(data), "",
            "## Compute-optimal predictions", "",
-           "At each family's isoFLOP budgets and at 10x / 100x its largest (extrapolations); "
-           "approach-3 brackets are bootstrap (5%, 95%) percentiles.", "",
+           "At each family's isoFLOP budgets and at 10x / 100x its largest (extrapolations): "
+           f"approach 3 at the budget's C = 6ND (geometric mean of its runs'), approach 2 at its "
+           f"F ({BUDGET_LABEL}); approach-3 brackets are bootstrap (5%, 95%) percentiles.", "",
            *_predictions(data), "",
            "## Approach 2 (isoFLOP parabolas)", "",
-           "Budgets group runs by recorded total_flops (within a factor 1 + "
-           f"{_g(data['conventions']['budget_tol'])}); C is the group's geometric-mean 6ND.", "",
+           f"Budgets group runs by their recorded total_flops F ({BUDGET_LABEL}; within a factor "
+           f"1 + {_g(data['conventions']['budget_tol'])}) and are labelled with the budget's "
+           "geometric-mean F; N* and D* are the parabola's minimum and the D of the budget's "
+           "runs at N*; the lines are fitted against F (6ND of the runs in one budget differs "
+           "with N: it is in the summary and predictions, not used here).", "",
            *_approach2(data),
            "## Sparse scaling laws", "", *_sparse(data),
            "## Plots", ""]

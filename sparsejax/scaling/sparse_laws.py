@@ -3,9 +3,11 @@
 Two forms, both ``L = c + (coefficient of x) / N**alpha + (D term)``:
 
 * Frantar et al. 2023, "Scaling Laws for Sparsely-Connected Foundation Models":
-  ``L(S, N, D) = (a_S (1 - S)**b_S + c_S) * (1/N)**b_N + (a_D / D)**b_D + c`` with S the
-  sparsity and N the non-zero (active) parameters. For mixture-of-experts style layers
-  (MoE, PEER, memory) we take ``S = 1 - active/total`` parameters (``sparsity()``).
+  ``L(S, N, D) = (a_S (1 - S)**b_S + c_S) * (1/N)**b_N + (a_D / D)**b_D + c`` with S the WEIGHT
+  sparsity (the fraction of pruned weights) and N the non-zero parameters. The law was derived
+  for unstructured / n:m weight pruning; it is fitted only on runs that record
+  ``weight_sparsity`` (sparsejax.scaling.records). The conditional computation of MoE, PEER and
+  memory layers (``1 - active/total``) is not weight sparsity and is not an input to it.
 * Krajewski et al. 2024, "Scaling Laws for Fine-Grained Mixture of Experts":
   ``L(N, D, G) = c + (g / G**gamma + a) / N**alpha + b / D**beta`` with G the granularity.
 
@@ -35,7 +37,7 @@ from scipy.optimize import minimize
 from sparsejax.scaling.fit import _as_positive_1d, _check_same_length
 
 __all__ = ["SparseLawFit", "fit_frantar", "fit_granularity", "frantar_loss", "granularity_loss",
-           "sparsity", "single_threaded_blas", "FORMS"]
+           "single_threaded_blas", "FORMS"]
 
 _CORE = ("p1", "e1", "p0", "alpha", "q", "beta", "lc")
 MIN_LEVELS = 3
@@ -62,16 +64,6 @@ FORMS = {
         "exponents": ("gamma", "alpha", "beta"),
     },
 }
-
-
-def sparsity(active, total) -> np.ndarray:
-  """``S = 1 - active/total`` (0 for a layer stack whose weights are all active)."""
-  active = _as_positive_1d("active params", active)
-  total = _as_positive_1d("total params", total)
-  _check_same_length(active=active, total=total)
-  if np.any(active > total * (1 + 1e-9)):
-    raise ValueError("active params exceed total params for some run; pass per-run totals")
-  return np.clip(1.0 - active / total, 0.0, None)
 
 
 def frantar_loss(S, N, D, *, a_S, b_S, c_S, b_N, a_D, b_D, c) -> np.ndarray:

@@ -59,11 +59,15 @@ work (tests/test_sweep.py::test_xla_flops_agree_with_analytic). ``xla_flops_tota
 so work every device repeats (a replicated optimizer update) counts once per device: 8-way data
 parallel dense-tiny gives 1.08x the one-device figure.
 
-Record keys (``ROOT/<name>/record.json``; ``load_records`` reads them all):
+Record keys (``ROOT/<name>/record.json``; ``load_records`` reads them all; the full list with
+their meaning is in sparsejax/scaling/records.py):
   name, run_id (name@config_hash[:12]), config_hash, family, base, overrides, seed, status
   ("running", "done", "incomplete" or "failed" with ``error``), steps, final_step, tokens,
-  params_total, params_active_per_token, params_active_avg (see ``params_active_avg``),
-  flops_per_token, total_flops, flops_convention (analytic, sparsejax.models.accounting),
+  params_total, params_active_total and params_active_non_embedding (the two N of the fits, head
+  at the true vocabulary), params_active_per_token (head at the padded rows), vocab_size,
+  vocab_rows, params_active_avg (see ``params_active_avg``), granularity, num_experts, top_k
+  (the resolved Config's config.moe values; None without an MoE layer), flops_per_token,
+  total_flops, flops_convention (analytic, sparsejax.models.accounting),
   xla_flops_per_step, xla_flops_devices, xla_flops_total (= per step x devices x steps),
   xla_flops_convention (XLA_FLOPS_CONVENTION),
   eval_loss (final), eval_loss_smoothed, eval_loss_smoothed_steps, eval_loss_smoothing (see

@@ -1,6 +1,7 @@
 """Sweep files and their plan: a Python file defines ``runs(**args) -> list[Run]``;
 ``load_sweep`` imports it, ``plan`` validates every run into a Config with its accounting
-(``Planned``), ``table`` is the --dry_run listing.
+(``Planned``; ``account``: counts at the true vocabulary; ``moe_fields``: the resolved MoE
+granularity / experts / top_k the records carry), ``table`` is the --dry_run listing.
 
 The config hash is the sha1 of the validated Config's JSON (``Config.to_json``). Run names are
 ``<family>-<sha1(base + sorted overrides)[:8]>`` unless a Run gives one; family is config.name.
@@ -20,6 +21,7 @@ from typing import Any
 from sparsejax.config import Config
 from sparsejax.configure import load_config
 from sparsejax.info import describe
+from sparsejax.layers import registry
 from sparsejax.scaling.records import FLOPS_CONVENTION
 
 
@@ -41,7 +43,7 @@ class Planned:
   name: str
   cfg: Config
   config_hash: str
-  info: dict                             # sparsejax.info.describe(cfg)
+  info: dict                             # account(cfg): sparsejax.info.describe(cfg), true V
 
   @property
   def family(self) -> str:
@@ -72,6 +74,22 @@ def definition_hash(base: str, overrides: dict) -> str:
   text = json.dumps({"base": base, "overrides": sorted(overrides.items())}, sort_keys=True,
                     default=repr)
   return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def account(cfg: Config) -> dict:
+  """``sparsejax.info.describe(cfg)``: counts with the output head at the true vocabulary
+  (``info["vocab_size"]``; sparsejax.models.accounting)."""
+  return describe(cfg)
+
+
+def moe_fields(cfg: Config) -> dict:
+  """``granularity``, ``num_experts`` and ``top_k``: the resolved Config's ``config.moe`` values
+  (the base config's own or overridden: what the run trained with) when a layer uses the "moe"
+  FFN family; None for each otherwise (no MoE layer: G does not apply)."""
+  if not any(f.kind == "ffn" and f.name == "moe" for f in registry.families_in_use(cfg)):
+    return {"granularity": None, "num_experts": None, "top_k": None}
+  return {"granularity": cfg.moe.granularity, "num_experts": cfg.moe.num_experts,
+          "top_k": cfg.moe.top_k}
 
 
 def load_sweep(path: str | os.PathLike, **args) -> list[Run]:
@@ -112,7 +130,7 @@ def plan(runs: list[Run], only: str | None = None) -> list[Planned]:
     resolved = [x for x in resolved if x[1] == only]
     if not resolved:
       raise SweepError(f"--only {only}: no such run in the sweep")
-  return [Planned(r, name, cfg, config_hash(cfg), describe(cfg)) for r, name, cfg in resolved]
+  return [Planned(r, name, cfg, config_hash(cfg), account(cfg)) for r, name, cfg in resolved]
 
 
 def _literal(text: str):
@@ -152,12 +170,13 @@ def table(planned: list[Planned], tflops: float | dict[str, float] | None = None
   """The dry-run listing. `tflops`: achieved TFLOP/s (analytic convention) for an "est. time"
   column = total FLOPs / throughput, one number for every run or {family: number} (calibrate);
   None: no estimate."""
-  header = ("name", "family", "params", "active", "FLOPs/token", "steps", "tokens",
-            "total FLOPs") + (("est. time",) if tflops else ())
+  header = ("name", "family", "params", "N total", "N non-emb", "FLOPs/token", "steps",
+            "tokens", "total FLOPs") + (("est. time",) if tflops else ())
   rows = [header]
   for p in planned:
     row = (p.name, p.family, f"{p.info['params_total']:.3g}",
-           f"{p.info['params_active_per_token']:.3g}", f"{p.info['flops_per_token']:.3g}",
+           f"{p.info['params_active_total']:.3g}",
+           f"{p.info['params_active_non_embedding']:.3g}", f"{p.info['flops_per_token']:.3g}",
            str(p.cfg.train.steps), f"{p.tokens:.3g}", f"{p.total_flops:.3g}")
     if tflops:
       rate = _rate(tflops, p.family)
@@ -166,7 +185,9 @@ def table(planned: list[Planned], tflops: float | dict[str, float] | None = None
   widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   total = sum(p.total_flops for p in planned)
-  lines.append(f"{len(planned)} runs, {total:.3g} FLOPs in all ({FLOPS_CONVENTION})")
+  lines.append(f"{len(planned)} runs, {total:.3g} FLOPs in all ({FLOPS_CONVENTION}); N total / "
+               "non-emb: active matmul weights with / without the output head at the true "
+               "vocabulary (sparsejax.models.accounting)")
   if not tflops:
     lines.append("est. time: pass --tflops X (achieved TFLOP/s) or --calibrate")
   else:

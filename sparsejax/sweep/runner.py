@@ -22,7 +22,7 @@ import jax
 
 from sparsejax.scaling.measure import xla_step_flops
 from sparsejax.train.loop import train_and_evaluate
-from sparsejax.sweep.planning import Planned, Run, SweepError, arg_flags, plan
+from sparsejax.sweep.planning import Planned, Run, SweepError, arg_flags, moe_fields, plan
 from sparsejax.scaling.records import (FLOPS_CONVENTION, RECORD, SMOOTH_EVALS,
                                      XLA_FLOPS_CONVENTION, read_record, smoothed_eval_loss,
                                      write_record)
@@ -64,11 +64,17 @@ def params_active_avg(p: Planned) -> float:
 
 
 def _base_record(p: Planned) -> dict:
+  """The record's keys known before training (sparsejax.scaling.records lists them all): both N
+  counts at the true vocabulary (sparsejax.models.accounting) and the resolved Config's MoE
+  granularity / experts / top_k (``planning.moe_fields``)."""
   return {"name": p.name, "run_id": p.run_id, "config_hash": p.config_hash, "family": p.family,
           "base": p.run.base, "overrides": dict(p.run.overrides), "seed": p.cfg.train.seed,
           "params_total": p.info["params_total"],
           "params_active_per_token": p.info["params_active_per_token"],
-          "params_active_avg": params_active_avg(p),
+          "params_active_total": p.info["params_active_total"],
+          "params_active_non_embedding": p.info["params_active_non_embedding"],
+          "vocab_size": int(p.info["vocab_size"]), "vocab_rows": int(p.info["vocab_rows"]),
+          "params_active_avg": params_active_avg(p), **moe_fields(p.cfg),
           "flops_per_token": p.info["flops_per_token"], "steps": p.cfg.train.steps,
           "tokens": p.tokens, "total_flops": p.total_flops, "flops_convention": FLOPS_CONVENTION}
 

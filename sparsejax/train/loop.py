@@ -109,7 +109,7 @@ class _Run:
                              async_save=cfg.train.async_checkpoint,
                              on_error=cfg.train.on_save_error)
     self.writer = MetricWriter(workdir)
-    self.counts = accounting.count(self.spec.abstract_model, cfg)
+    self.counts = accounting.count(self.spec.abstract_model, cfg, vocab_size=vocab)
     self.peak = hardware.peak_tflops(self.devices[0].device_kind,
                                      cfg.train.peak_tflops_per_device)
     self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
