@@ -25,6 +25,7 @@ import ml_collections
 
 from sparsejax import config as schema
 from sparsejax.config import Config, ConfigError
+from sparsejax.data import synthfacts
 from sparsejax.layers import registry
 from sparsejax.parallel import mesh as mesh_lib
 
@@ -38,6 +39,9 @@ def validate(raw: ml_collections.ConfigDict | dict) -> Config:
   cfg = dataclasses.replace(cfg, mesh=mesh_lib.resolve(cfg.mesh))  # before the family checks
   schema.core_checks(cfg)
   registry.check(cfg)
+  if cfg.data.synthfacts_facts:
+    synthfacts.check(cfg.data.synthfacts_facts, cfg.data.synthfacts_fraction,
+                     cfg.data.synthfacts_seed)
   return cfg
 
 

@@ -79,6 +79,13 @@ class DataConfig:
   tokenizer: str = "byte"        # only used to prepare the embedded corpus when path == ""
   seq_len: int = 256
   global_batch_size: int = 16    # sequences per optimizer step, across all devices and hosts
+  # Synthetic facts mixed into the training split (a fact-recall benchmark, see
+  # sparsejax/data/synthfacts.py; evaluated by `python -m sparsejax.eval --task synthfacts`).
+  # Off (0) changes nothing; on, training reads a cached copy of the dataset whose train split
+  # also holds fact sentences (val split unchanged), and the resume guard sees the change.
+  synthfacts_facts: int = 0      # (entity, relation) facts; 0 = off
+  synthfacts_fraction: float = 0.4  # fraction of training tokens that are fact text, in (0, 1)
+  synthfacts_seed: int = 0       # draws the facts and their training renderings
 
 
 @dataclasses.dataclass(frozen=True)

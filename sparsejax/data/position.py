@@ -9,6 +9,7 @@ import json
 import logging
 import pathlib
 
+from sparsejax.data import synthfacts
 from sparsejax.data.dataset import TokenDataset
 from sparsejax.data.prepare import ensure_default_dataset
 from sparsejax.errors import ConfigError
@@ -23,23 +24,34 @@ _DATA_KEYS = {"global_batch_size": "config.data.global_batch_size",
 
 def resolve_dataset(cfg) -> pathlib.Path:
   """The prepared dataset of ``cfg.data`` (the embedded corpus, prepared on first use, when
-  ``data.path`` is empty); a one-line FileNotFoundError when the path holds no dataset."""
-  if cfg.data.path:
-    path = pathlib.Path(cfg.data.path).expanduser()
+  ``data.path`` is empty); a one-line FileNotFoundError when the path holds no dataset. With
+  ``data.synthfacts_facts`` > 0: that dataset with synthetic facts mixed into its train split
+  (built and cached on first use, sparsejax/data/synthfacts.py)."""
+  d = cfg.data
+  synthfacts.check(d.synthfacts_facts, d.synthfacts_fraction, d.synthfacts_seed)
+  if d.path:
+    path = pathlib.Path(d.path).expanduser()
     if not (path / "metadata.json").exists():
       raise FileNotFoundError(
           f"config.data.path: {path} is not a prepared dataset (no metadata.json); run "
           f"`python -m sparsejax.data.prepare --input <text files> --out {path}` first")
+  else:
+    path = ensure_default_dataset(d.tokenizer)
+  if not d.synthfacts_facts:
     return path
-  return ensure_default_dataset(cfg.data.tokenizer)
+  return synthfacts.mixed_dataset(path, d.synthfacts_facts, d.synthfacts_fraction,
+                                  d.synthfacts_seed)
 
 
 def dataset_fingerprint(ds: TokenDataset) -> str:
   """Identity of a prepared train split for resume checks: tokenizer, dtype, shard names and
-  token counts (not a content hash: re-preparing different text of identical size passes)."""
+  token counts, and the synthetic-fact settings of a mixed dataset (not a content hash:
+  re-preparing different text of identical size passes)."""
   meta = ds.metadata
   key = {k: meta.get(k) for k in ("format", "tokenizer", "vocab_size", "eos_id", "dtype")}
   key["train"] = meta["splits"]["train"]
+  if "synthfacts" in meta:  # absent without facts: those fingerprints are unchanged
+    key["synthfacts"] = meta["synthfacts"]["settings"]
   return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -66,14 +66,17 @@ def tokenizer_slug(tokenizer: str = "byte", vocab_size: int = 8192) -> str:
   return f"{kind}-{path.stem}-{toks.file_sha256(path)[:8]}"
 
 
+def data_root() -> pathlib.Path:
+  """``$SPARSEJAX_DATA_DIR`` (default ``~/.cache/sparsejax/datasets``): prepared datasets."""
+  return pathlib.Path(os.environ.get("SPARSEJAX_DATA_DIR")
+                      or "~/.cache/sparsejax/datasets").expanduser()
+
+
 def default_dataset_dir(tokenizer: str = "byte",
                         vocab_size: int = 8192) -> pathlib.Path:
-  """``$SPARSEJAX_DATA_DIR`` (default ``~/.cache/sparsejax/datasets``) joined
-  with ``stdlib-py{major}{minor}-{tokenizer slug}``."""
-  root = os.environ.get("SPARSEJAX_DATA_DIR") or "~/.cache/sparsejax/datasets"
+  """:func:`data_root` joined with ``stdlib-py{major}{minor}-{tokenizer slug}``."""
   major, minor = sys.version_info[:2]
-  name = f"stdlib-py{major}{minor}-{tokenizer_slug(tokenizer, vocab_size)}"
-  return pathlib.Path(root).expanduser() / name
+  return data_root() / f"stdlib-py{major}{minor}-{tokenizer_slug(tokenizer, vocab_size)}"
 
 
 def ensure_default_dataset(tokenizer: str = "byte",

@@ -1,6 +1,9 @@
 """python -m sparsejax.eval --workdir DIR [--step N] [--data PATH] [--max_batches N] -> one JSON
 line, with a progress bar on stderr while it runs.
 
+``--task synthfacts [--max_items N]``: fact recall (acc@1, MRR) of a run trained with
+``config.data.synthfacts_facts`` (sparsejax/eval/synthfacts.py) instead of the loss.
+
 Reads the multi-process environment like ``python -m sparsejax.train`` (see
 sparsejax.parallel.distributed); with several processes all evaluate, process 0 prints.
 """
@@ -21,7 +24,12 @@ _MAX_BATCHES = flags.DEFINE_integer(
     "max_batches", None, "Evaluate this many batches spread over the split instead of all of "
     "it (a large --data folder can take many minutes; the result says 'batches' of "
     "'split_batches')")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per eval batch (default: training's)")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per eval batch (default: training's; "
+                              "synthfacts: 256 question x candidate rows)")
+_TASK = flags.DEFINE_enum("task", "loss", ["loss", "synthfacts"], "loss: loss / ppl / bits per "
+                          "byte; synthfacts: fact recall of a run trained with synthetic facts")
+_MAX_ITEMS = flags.DEFINE_integer("max_items", 256, "synthfacts: questions per template set "
+                                  "(held-out, training), drawn with a fixed seed")
 
 
 def main(argv) -> None:
@@ -34,9 +42,14 @@ def main(argv) -> None:
     from sparsejax.parallel.distributed import initialize_from_env  # defers jax (see above)
     initialize_from_env()
     import jax
-    from sparsejax.eval.checkpoint import evaluate  # defers jax (see above)
-    result = evaluate(_WORKDIR.value, step=_STEP.value, data=_DATA.value,
-                      max_batches=_MAX_BATCHES.value, batch_size=_BATCH.value, progress=True)
+    if _TASK.value == "synthfacts":
+      from sparsejax.eval import synthfacts  # defers jax (see above)
+      result = synthfacts.evaluate(_WORKDIR.value, step=_STEP.value, max_items=_MAX_ITEMS.value,
+                                   batch_size=_BATCH.value)
+    else:
+      from sparsejax.eval.checkpoint import evaluate  # defers jax (see above)
+      result = evaluate(_WORKDIR.value, step=_STEP.value, data=_DATA.value,
+                        max_batches=_MAX_BATCHES.value, batch_size=_BATCH.value, progress=True)
     if jax.process_index() == 0:
       print(json.dumps(result))
 

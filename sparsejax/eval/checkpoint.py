@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: ``evaluate(workdir, step=None, data=None)`` -> loss / ppl / bpb.
+"""Evaluate a checkpoint: ``evaluate(workdir, step=None, data=None)`` -> loss / ppl / bpb;
+``restore(workdir, step)`` for other evaluations (sparsejax/eval/synthfacts.py).
 
 The checkpoint's own config (stored in its ``meta`` item) rebuilds the model. The restore target
 is laid out on the *current* devices: the saved mesh when it fits the device count, otherwise
@@ -11,11 +12,12 @@ import dataclasses
 import logging
 import math
 import pathlib
+from typing import Any
 
 import jax
 
 from sparsejax import data as sdata
-from sparsejax.config import MeshConfig
+from sparsejax.config import Config, MeshConfig
 from sparsejax.configure import validate
 from sparsejax.errors import CheckpointError
 from sparsejax.eval.core import evaluate_params, make_eval_step
@@ -40,12 +42,23 @@ def _fit_mesh(mesh_cfg: MeshConfig, n: int) -> MeshConfig:
   return MeshConfig(data=1, fsdp=-1, expert=1, tensor=1, dcn=1, rules=mesh_cfg.rules)
 
 
-def evaluate(workdir: str | pathlib.Path, *, step: int | None = None, data: str | None = None,
-             max_batches: int | None = None, batch_size: int | None = None,
-             devices: list | None = None, progress: bool = False) -> dict:
-  """One checkpoint's loss / perplexity / bits-per-byte on `data` (default: val split): every
-  window, or `max_batches` batches spread over it ("batches" of "split_batches" in the result).
-  `progress`: a tqdm bar with tokens so far and time left."""
+@dataclasses.dataclass
+class Restored:
+  """A committed checkpoint's parameters laid out on the current devices, with what evaluating
+  them needs: the validated config (mesh fitted), meta item, model spec, mesh and shardings."""
+  step: int
+  cfg: Config
+  meta: dict
+  spec: Any
+  params: Any
+  mesh: Any
+  rules: Any
+  param_shardings: Any
+
+
+def restore(workdir: str | pathlib.Path, step: int | None = None,
+            devices: list | None = None) -> Restored:
+  """Restore checkpoint `step` (default: the latest committed) of a run for evaluation."""
   devices = list(devices) if devices is not None else jax.devices()
   workdir = pathlib.Path(workdir)
   if not (workdir / "checkpoints").is_dir():
@@ -62,8 +75,26 @@ def evaluate(workdir: str | pathlib.Path, *, step: int | None = None, data: str 
   meta = ckpt.restore_meta(step)
   cfg = validate(meta["config"])
   cfg = dataclasses.replace(cfg, mesh=_fit_mesh(cfg.mesh, len(devices)))
-  train_dir = pathlib.Path(meta["dataset"])
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+  spec = model_spec(cfg, meta["vocab_size"])
+  target, shardings = abstract_state(spec, mesh)
+  state, _, _ = ckpt.restore(step, target)
+  ckpt.close()
+  return Restored(step, cfg, meta, spec, state["params"], mesh,
+                  registry.logical_rules(cfg.mesh), shardings["params"])
 
+
+def evaluate(workdir: str | pathlib.Path, *, step: int | None = None, data: str | None = None,
+             max_batches: int | None = None, batch_size: int | None = None,
+             devices: list | None = None, progress: bool = False) -> dict:
+  """One checkpoint's loss / perplexity / bits-per-byte on `data` (default: val split): every
+  window, or `max_batches` batches spread over it ("batches" of "split_batches" in the result).
+  `progress`: a tqdm bar with tokens so far and time left."""
+  devices = list(devices) if devices is not None else jax.devices()
+  workdir = pathlib.Path(workdir)
+  r = restore(workdir, step, devices)
+  cfg, mesh, rules = r.cfg, r.mesh, r.rules
+  train_dir = pathlib.Path(r.meta["dataset"])
   if data is None:
     dataset_dir, split = train_dir, "val"
   else:
@@ -74,13 +105,6 @@ def evaluate(workdir: str | pathlib.Path, *, step: int | None = None, data: str 
     dataset_dir, split = sdata.resolve_eval_data(data, tokenizer, workdir / "eval_data")
   ds = sdata.TokenDataset(dataset_dir, split)
 
-  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-  rules = registry.logical_rules(cfg.mesh)
-  spec = model_spec(cfg, meta["vocab_size"])
-  target, shardings = abstract_state(spec, mesh)
-  state, _, _ = ckpt.restore(step, target)
-  ckpt.close()
-
   shards = shd.batch_shards(mesh, rules)
   bs = batch_size or cfg.data.global_batch_size
   bs = -(-bs // shards) * shards
@@ -88,11 +112,11 @@ def evaluate(workdir: str | pathlib.Path, *, step: int | None = None, data: str 
                                     split=split, max_batches=max_batches)
   batch_sh = shd.batch_sharding(mesh, rules)
   with shd.activation_sharding(mesh, rules):
-    eval_fn = jax.jit(make_eval_step(spec.graphdef),
-                      in_shardings=(shardings["params"], batch_sh))
-    result = evaluate_params(eval_fn, state["params"], batches, batch_sh, ds.bytes_per_token,
+    eval_fn = jax.jit(make_eval_step(r.spec.graphdef),
+                      in_shardings=(r.param_shardings, batch_sh))
+    result = evaluate_params(eval_fn, r.params, batches, batch_sh, ds.bytes_per_token,
                              progress=progress)
   total = sdata.num_eval_batches(dataset_dir, seq_len=cfg.data.seq_len, batch_size=bs,
                                  split=split)
-  return {"step": step, "data": str(dataset_dir), "split": split, **result,
+  return {"step": r.step, "data": str(dataset_dir), "split": split, **result,
           "batches": len(batches), "split_batches": total, "devices": len(devices)}
