@@ -162,9 +162,9 @@ def test_off_changes_nothing_and_on_resolves_the_cached_mix(base, tmp_path, monk
     ({"data.synthfacts_seed": -1}, "config.data.synthfacts_seed"),
 ])
 def test_bad_settings_are_one_line_config_errors(overrides, key):
-  cfg = load_config("configs/dense.py:tiny", **{"data.synthfacts_facts": 8, **overrides})
+  """Refused when the config is validated (a sweep fails at planning, not at training)."""
   with pytest.raises(ConfigError) as e:
-    position.resolve_dataset(cfg)
+    load_config("configs/dense.py:tiny", **{"data.synthfacts_facts": 8, **overrides})
   assert str(e.value).startswith(key + ":") and "\n" not in str(e.value)
 
 
