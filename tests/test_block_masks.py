@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from kernels_pallas.block_sparse_attention import layout as lay
 from kernels_pallas.block_sparse_attention import masks as M
+from kernels_pallas.block_sparse_attention import reference
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -208,19 +209,70 @@ def test_bigbird_random_blocks_reproducible_and_per_layer_head():
   assert not np.array_equal(a, c), "layers must differ"
   s = lay.dense_mask(M.BigBird(16, 8, 3, 16, seed=8), 512, 512, num_heads=4, layer=2)
   assert not np.array_equal(a, s), "seeds must differ"
-  # random draws: each query block sees at most 3 extra key blocks, all at or before it
+  # random draws: each query block sees min(3, q block + 1) distinct key blocks at or before it
   rb = M.RandomBlocks(3, 16, seed=7, layer=2)
   ch = rb.choices(32, head=1)
-  assert ch.shape == (32, 3) and np.all(ch <= np.arange(32)[:, None]) and np.all(ch >= 0)
+  drawn = ch >= 0
+  assert ch.shape == (32, 3) and np.all(ch <= np.arange(32)[:, None])
+  np.testing.assert_array_equal(drawn.sum(1), np.minimum(3, np.arange(32) + 1))
   r = lay.dense_mask(rb, 512, 512, num_heads=2)[1].reshape(32, 16, 32, 16)
   got = r.all((1, 3))
   want = np.zeros((32, 32), bool)
-  want[np.arange(32)[:, None], ch] = True
+  want[np.nonzero(drawn)[0], ch[drawn]] = True
   np.testing.assert_array_equal(got, want)
+  assert got.sum() == drawn.sum()  # distinct: no two draws of a query block coincide
   L1 = lay.compile_layout(m, 512, 512, 32, 32, num_heads=4, layer=2)
   L2 = lay.compile_layout(m, 512, 512, 32, 32, num_heads=4, layer=3)
   assert not np.array_equal(L1.kv_indices, L2.kv_indices)
   check_layout(m, L1, layer=2)
+
+
+def _random_part(mask):
+  """The RandomBlocks inside a BigBird's expansion."""
+  rb = [m for m in mask._expand().masks[1].masks if isinstance(m, M.RandomBlocks)]
+  return rb[0]
+
+
+# (T, block, window, num_global, r, seed): window narrower / wider than a block, globals inside
+# one block / over several, T not a multiple of the block, r above what early rows can take
+BIGBIRD_CASES = [(256, 16, 16, 8, 3, 0), (250, 16, 40, 20, 3, 5), (512, 32, 0, 0, 4, 1),
+                 (192, 8, 7, 33, 2, 9), (256, 16, 100, 16, 5, 3), (96, 4, 3, 0, 1, 2)]
+
+
+@pytest.mark.parametrize("case", BIGBIRD_CASES, ids=str)
+def test_bigbird_random_blocks_distinct_outside_window_and_globals(case):
+  t, b, w, g, r, seed = case
+  heads, nb, layer = 3, -(-t // b), seed % 3
+  bb = M.BigBird(w, g, r, b, seed=seed).for_layer(layer)
+  dense = lay.dense_mask(bb, t, t, heads)
+  base = lay.dense_mask(M.BigBird(w, g, 0, b), t, t, 1)[0]  # causal & (window | global)
+  pad = np.zeros((heads, nb * b, nb * b), bool)
+  pad[:, :t, :t] = dense & ~base  # what the random part adds
+  extra = pad.reshape(heads, nb, b, nb, b).any((2, 4))
+  pad[:, :t, :t] = base
+  touched = pad[0].reshape(nb, b, nb, b).any((1, 3))  # blocks window / globals reach at all
+  eligible = np.tril(~touched)  # causal blocks neither touches
+  rb = _random_part(bb)
+  for h in range(heads):
+    ch = rb.choices(nb, h)
+    for qb in range(nb):
+      want = min(r, int(eligible[qb].sum()))
+      got = np.flatnonzero(extra[h, qb])
+      drawn = ch[qb][ch[qb] >= 0]
+      assert len(got) == want, (case, h, qb, got, drawn)  # exactly min(r, available)
+      assert len(set(drawn.tolist())) == len(drawn) == want  # distinct draws
+      assert eligible[qb, drawn].all()  # causal, none in the window / global set
+      np.testing.assert_array_equal(np.sort(drawn), got)
+      for kb in got:  # a drawn block is seen whole (within the sequence)
+        assert dense[h, qb * b:(qb + 1) * b, kb * b:(kb + 1) * b].all()
+  # deterministic under the seed; the kernel's layout (mask blocks = layout blocks, and not)
+  # and the reference see the same mask
+  np.testing.assert_array_equal(dense, lay.dense_mask(M.parse_mask(str(bb)), t, t, heads))
+  assert not np.array_equal(dense, lay.dense_mask(M.BigBird(w, g, r, b, seed=seed + 1).for_layer(
+      layer), t, t, heads)), "seeds must differ"
+  check_layout(bb, lay.compile_layout(bb, t, t, b, b, num_heads=heads), layer)
+  check_layout(bb, lay.compile_layout(bb, t, t, max(b // 2, 1), 2 * b, num_heads=heads), layer)
+  np.testing.assert_array_equal(np.asarray(reference.evaluate_mask(bb, t, t, heads)), dense)
 
 
 def test_block_class_matches_dense():

@@ -10,7 +10,8 @@ the family modules. Nothing outside the family file knows its options:
     defaults; ``--config.<name>.<key>`` overrides work once the family is registered;
   * ``check``: ``check(cfg)`` raises a one-line ConfigError; run when a layer uses the family;
   * ``rules``: logical axis name -> mesh axes, for the names its parameters introduce;
-  * ``param_groups``: optimizer groups for leaves whose name starts with a prefix;
+  * ``param_groups``: optimizer groups for its layers' leaves whose name starts with a prefix
+    (lr as a multiple of the main schedule, weight decay, clipping);
   * ``cost``: ``cost(module, seq_len) -> LayerCost`` for the FLOP / bytes accounting
     (absent: every matmul weight is active, attention is dense causal);
   * ``shapes``: the config sections whose ``shapes=True`` fields shape its parameters (compared
@@ -33,10 +34,18 @@ class LayerCost:
 
 @dataclasses.dataclass(frozen=True)
 class ParamGroup:
-  """Leaves whose name starts with ``prefix`` form optimizer group ``name`` with AdamW
-  hyper-parameters ``hyper(cfg) -> {"lr", "grad_clip", "weight_decay"}`` (constant lr)."""
+  """Leaves whose name starts with ``prefix`` (a string or a tuple of strings), in a layer the
+  declaring family built, form optimizer group ``name``: its own AdamW (sparsejax/train/optim.py)
+  with hyper-parameters ``hyper(cfg) -> dict`` of
+    * the lr, one of: ``"lr_mult"`` (the main schedule times this: same warmup and decay, peak
+      ``lr_mult * optim.lr``), ``"peak_lr"`` (the main schedule's shape with this peak) or
+      ``"lr"`` (a constant, or an optax schedule of its own);
+    * ``"weight_decay"`` (absent: ``optim.weight_decay``); norm scales, biases and vectors are
+      never decayed, in any group (``optim.decay_mask``);
+    * ``"grad_clip"``: absent or None: clipped with the default group (one global norm over
+      them); a number: the group's own global-norm clip (0: none)."""
   name: str
-  prefix: str
+  prefix: str | tuple[str, ...]
   hyper: Callable[[Any], dict]
 
 

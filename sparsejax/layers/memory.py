@@ -15,10 +15,17 @@ reads are summed (all heads share one value table):
 QK-norm (memory.qk_norm) as implemented here: each query half is RMS-normalised with a learned
 per-head scale, each sub-key row is RMS-normalised (no parameters), and the half-scores are
 divided by sqrt(d_key/2), i.e. s = (q̂1·k̂1 + q̂2·k̂2) / sqrt(d_key/2). Without it the raw
-projections are scored (PKM's BatchNorm on queries is not offered, see product_keys.py).
+projections are scored. Before either, queries are centred / whitened (``memory.query_center``,
+sparsejax/layers/query_center.py: PKM's query BatchNorm and its decorrelating extension).
 
-Value table: ``values_NxD`` (the ``values_`` prefix puts it in the optimizer's "memory_values"
-group: constant ``memory.value_lr``, own clip and weight decay). With ``memory.shared_values``
+Optimizer groups (sparsejax/train/optim.py): the value table ``values_NxD`` ("memory_values")
+trains at ``memory.value_lr`` with its own clip and ``memory.value_weight_decay``: constant
+(``memory.value_lr_schedule="constant"``, the default, as PKM's separate value optimizer), or
+``"main"``: the main lr schedule's shape (warmup, decay) scaled to that peak, as Memory Layers
+at Scale's code does (values at 10x the main lr under the same LambdaLR schedule, with the
+global weight decay). The sub-keys ("memory_keys") and the query projection with its QK-norm
+scale ("memory_queries") train at ``memory.key_lr_mult`` / ``memory.query_lr_mult`` times the
+main schedule, with the main weight decay and clipping. With ``memory.shared_values``
 (default) one ``MemoryValues`` module is created in the model's ``shared`` dict and referenced by
 every memory layer (keys and query projections stay per layer). Logical axes
 ("mem_slots", "mem_dim") -> rows replicated, columns over mesh "tensor": each device holds all
@@ -30,7 +37,7 @@ take + einsum; "pallas" runs the fused product-key top-k + softmax kernel and th
 gather-sum kernel (deterministic sorted reverse-index table gradient) of kernels_pallas.
 
 Cost convention (models/accounting.py units, per token): D·H·d_key (queries) + H·n·d_key (sub-key
-scores) + H·k·D (value rows) + 2·D² (Memory+) + D (gate).
+scores) + H·k·D (value rows) + 2·D² (Memory+) + D (gate) + H·d_key² (query whitening).
 """
 
 from __future__ import annotations
@@ -63,12 +70,22 @@ class MemoryConfig:
   gate: bool = field(False, shapes=True)  # per-token scalar gate sigmoid(x·w_g) on the output
   qk_norm: bool = field(True, shapes=True)  # RMS-normalise query halves and sub-key rows
   shared_values: bool = field(True, shapes=True)  # one value table for all memory layers
-  # query centring against retrieval collapse (sparsejax/layers/query_center.py)
-  query_center: str = field("batch", "batch", "running", "none", shapes=True)
+  # query centring and whitening against retrieval collapse (sparsejax/layers/query_center.py)
+  query_center: str = field("whiten", "whiten", "batch", "running", "none", shapes=True)
   query_center_momentum: float = 0.9
-  value_lr: float = 1e-3         # values' own optimizer group (constant lr)
+  # optimizer groups (module docstring): the values' lr, constant ("constant") or the peak of
+  # the main schedule's shape ("main"), their own clip and weight decay; multipliers of the
+  # main schedule for the sub-keys and the query projection (+ its QK-norm scale). Defaults
+  # measured on the tiny presets (experiments/results/retrieval_usage/REPORT.md): a constant
+  # value lr beat the main schedule at the same peak (eval loss -0.06 / -0.02 at 32² / 128²
+  # slots) and tied with the schedule at a 3x peak; value weight decay 0.1 and key / query
+  # multipliers of 3 gave no consistent gain.
+  value_lr: float = 1e-3
+  value_lr_schedule: str = field("constant", "constant", "main")
   value_grad_clip: float = 1.0
   value_weight_decay: float = 0.0
+  key_lr_mult: float = 1.0
+  query_lr_mult: float = 1.0
   # kernels: "xla" (jnp) | "pallas" (fused Pallas kernels on GPU, interpret mode on CPU, XLA on
   # TPU: sparsejax/layers/kernel_impl.py) | "interpret" (force interpret mode)
   impl: str = field("xla", "xla", "pallas", "interpret")
@@ -80,6 +97,9 @@ def check(cfg) -> None:
   m = cfg.memory
   pk.check_product_key_section("config.memory", num_keys=m.num_slots, top_k=m.top_k,
                                d_key=m.d_key, num_heads=m.num_heads)
+  pk.check_nonnegative("config.memory", value_lr=m.value_lr, value_grad_clip=m.value_grad_clip,
+                       value_weight_decay=m.value_weight_decay, key_lr_mult=m.key_lr_mult,
+                       query_lr_mult=m.query_lr_mult)
 
 
 class MemoryValues(nnx.Module):
@@ -134,7 +154,7 @@ class MemoryLayer(nnx.Module):
   # ---- retrieval (also used by tests) ----
   def half_queries_and_keys(self, x_BxTxD: jax.Array, training: bool = False):
     """(q1, q2 [B, T, H, C], k1, k2 [H, n, C]) after centring, QK-norm and score scaling,
-    float32 (``training``: batch statistics for query_center="batch")."""
+    float32 (``training``: batch statistics for query_center="batch" / "whiten")."""
     c = self.d_key // 2
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.w_query_DxHxK[...].astype(self.dtype),
                    preferred_element_type=jnp.float32)
@@ -216,6 +236,8 @@ class MemoryLayer(nnx.Module):
       n += 2 * d * d
     if self.w_gate_D is not None:
       n += d
+    if self.qcenter.mode == "whiten":
+      n += h * self.d_key ** 2  # the whitening matrix applied to each head's query
     return n
 
   def bytes_read_per_token(self) -> int:
@@ -230,14 +252,20 @@ def cost(layer: MemoryLayer, seq_len: int) -> LayerCost:
 
 def _value_hyper(cfg) -> dict:
   m = cfg.memory
-  return {"lr": m.value_lr, "grad_clip": m.value_grad_clip, "weight_decay": m.value_weight_decay}
+  lr = {"peak_lr": m.value_lr} if m.value_lr_schedule == "main" else {"lr": m.value_lr}
+  return {**lr, "grad_clip": m.value_grad_clip, "weight_decay": m.value_weight_decay}
 
 
 FAMILY = Family(
     "memory", "ffn", MemoryLayer, section=("memory", MemoryConfig), check=check,
     rules=(*pk.RULES, ("mem_slots", None), ("mem_dim", "tensor"), ("act_mem_dim", "tensor")),
-    # value tables (leaves named values_*): constant lr, own clip and weight decay
-    param_groups=(ParamGroup("memory_values", "values_", _value_hyper),),
+    # value tables (values_*): own lr (constant, or the peak of the main schedule), clip and
+    # weight decay; sub-keys and query projection (+ QK-norm scale): multiples of the main one
+    param_groups=(ParamGroup("memory_values", "values_", _value_hyper),
+                  ParamGroup("memory_keys", "subkeys_",
+                             lambda cfg: {"lr_mult": cfg.memory.key_lr_mult}),
+                  ParamGroup("memory_queries", ("w_query_", "query_"),
+                             lambda cfg: {"lr_mult": cfg.memory.query_lr_mult})),
     cost=cost, shapes=("model", "memory"))
 
 

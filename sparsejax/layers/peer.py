@@ -14,13 +14,20 @@ Tables: ``experts_in_NxD`` (u) and ``experts_out_NxD`` (v), logical axes
 Sown: ``usage_experts`` (float32 [N] selection counts; the evaluator turns them into touched
 fraction / KL from uniform).
 
+Optimizer groups (sparsejax/train/optim.py), each at a multiple of the main lr schedule with the
+main weight decay and clipping: sub-keys ("peer_keys", ``peer.key_lr_mult``), the query
+projection with its norm scale / bias ("peer_queries", ``peer.query_lr_mult``) and the expert
+tables ("peer_experts", ``peer.expert_lr_mult``; Memory Layers at Scale's PEER variant trains
+them like memory values, at the values' lr).
+
 Kernels (``peer.impl``, resolved by sparsejax/layers/kernel_impl.py): "xla" is jnp top-k and
 take + einsum (materialises the [B, T, h, k, D] selected rows); "pallas" runs the fused
 product-key top-k (+ softmax) kernel and the fused PEER expert kernel of kernels_pallas.
 
 Cost convention (models/accounting.py units, "equivalent matmul parameters" per token):
   D·h·d_key (query projections) + h·n·d_key (two halves of n sub-keys of d_key/2, per head)
-  + h·k·2·D (selected u and v rows). Top-k / softmax / the k² candidate sums are not counted.
+  + h·k·2·D (selected u and v rows) + h·d_key² (query whitening). Top-k / softmax / the k²
+  candidate sums are not counted.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from sparsejax.config import field
 from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
 from sparsejax.layers.common import DTYPES, param, sow
-from sparsejax.layers.family import Family, LayerCost
+from sparsejax.layers.family import Family, LayerCost, ParamGroup
 from sparsejax.layers.query_center import QueryCenter, usage_scalars
 from sparsejax.parallel.sharding import constrain
 
@@ -58,9 +65,13 @@ class PEERConfig:
   # on the tiny preset it raised expert usage after 300 steps from 51% to 59% (eval window)
   key_norm: bool = True
   activation: str = field("gelu", "gelu", "relu", "silu")
-  # query centring against retrieval collapse (sparsejax/layers/query_center.py)
-  query_center: str = field("batch", "batch", "running", "none", shapes=True)
+  # query centring and whitening against retrieval collapse (sparsejax/layers/query_center.py)
+  query_center: str = field("whiten", "whiten", "batch", "running", "none", shapes=True)
   query_center_momentum: float = 0.9
+  # optimizer groups (module docstring): multiples of the main lr schedule
+  key_lr_mult: float = 1.0
+  query_lr_mult: float = 1.0
+  expert_lr_mult: float = 1.0
   # kernels: "xla" (jnp) | "pallas" (fused Pallas kernels on GPU, interpret mode on CPU, XLA on
   # TPU: sparsejax/layers/kernel_impl.py) | "interpret" (force interpret mode)
   impl: str = field("xla", "xla", "pallas", "interpret")
@@ -73,6 +84,8 @@ def check(cfg) -> None:
   p = cfg.peer
   pk.check_product_key_section("config.peer", num_keys=p.num_experts, top_k=p.top_k,
                                d_key=p.d_key, num_heads=p.num_heads)
+  pk.check_nonnegative("config.peer", key_lr_mult=p.key_lr_mult, query_lr_mult=p.query_lr_mult,
+                       expert_lr_mult=p.expert_lr_mult)
 
 
 class PEER(nnx.Module):
@@ -117,7 +130,7 @@ class PEER(nnx.Module):
   # ---- retrieval (also used by tests) ----
   def queries(self, x_BxTxD: jax.Array, training: bool = False) -> jax.Array:
     """Centred, normalised queries [B, T, H, d_key] float32 (``training``: batch statistics
-    for query_center="batch")."""
+    for query_center="batch" / "whiten")."""
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.w_query_DxHxK[...].astype(self.dtype),
                    preferred_element_type=jnp.float32)
     q = self.qcenter(q, training)
@@ -195,7 +208,8 @@ class PEER(nnx.Module):
   # ---- accounting (sparsejax/models/accounting.py) ----
   def active_params_per_token(self) -> int:
     h, d = self.num_heads, self.d_model
-    return d * h * self.d_key + h * self.n * self.d_key + h * self.top_k * 2 * d
+    whiten = h * self.d_key ** 2 if self.qcenter.mode == "whiten" else 0  # W applied per head
+    return d * h * self.d_key + h * self.n * self.d_key + h * self.top_k * 2 * d + whiten
 
   def bytes_read_per_token(self) -> int:
     """Selected expert rows (u and v) read per token: h·k·2·D·bytes(param dtype)."""
@@ -208,8 +222,15 @@ def cost(layer: PEER, seq_len: int) -> LayerCost:
 
 
 FAMILY = Family("peer", "ffn", PEER, section=("peer", PEERConfig), check=check,
-                rules=(*pk.RULES, ("peer_experts", None), ("peer_dim", "tensor")), cost=cost,
-                shapes=("model", "peer"))
+                rules=(*pk.RULES, ("peer_experts", None), ("peer_dim", "tensor")),
+                param_groups=(
+                    ParamGroup("peer_keys", "subkeys_",
+                               lambda cfg: {"lr_mult": cfg.peer.key_lr_mult}),
+                    ParamGroup("peer_queries", ("w_query_", "query_"),
+                               lambda cfg: {"lr_mult": cfg.peer.query_lr_mult}),
+                    ParamGroup("peer_experts", "experts_",
+                               lambda cfg: {"lr_mult": cfg.peer.expert_lr_mult})),
+                cost=cost, shapes=("model", "peer"))
 
 
 def dense_reference(layer: PEER, x_BxTxD: jax.Array) -> jax.Array:

@@ -20,10 +20,10 @@ softmax in one program per token block and head, so no score ever round-trips to
 shard under an active mesh (sparsejax/layers/kernel_impl.py). The config value "pallas" is
 resolved per backend by ``kernel_impl.resolve``.
 
-Query BatchNorm (used by PKM and PEER) is not offered: it mixes tokens of a batch (so a causal LM
-would see other rows' and future positions' statistics) and needs running statistics, which are
-not parameters (only ``nnx.Param`` may hold model state here). ``query_norm`` = "rms" / "layer"
-normalise each token's query on its own.
+Query BatchNorm (used by PKM and PEER) and its decorrelating extension live in
+sparsejax/layers/query_center.py (``query_center`` = "whiten" | "batch" | "running" | "none";
+running statistics in ``buffer_*`` parameters); ``query_norm`` = "rms" / "layer" normalise each
+token's query on its own after that.
 """
 
 from __future__ import annotations
@@ -141,3 +141,10 @@ def check_product_key_section(prefix: str, *, num_keys: int, top_k: int, d_key: 
                       f"got {d_key}")
   if num_heads <= 0:
     raise ConfigError(f"{prefix}.num_heads: must be > 0, got {num_heads}")
+
+
+def check_nonnegative(prefix: str, **values: float) -> None:
+  """One-line ConfigError for the first negative optimizer knob (``prefix`` = "config.peer")."""
+  for key, v in values.items():
+    if not v >= 0:
+      raise ConfigError(f"{prefix}.{key}: must be >= 0, got {v}")

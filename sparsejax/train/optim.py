@@ -1,7 +1,12 @@
 """Optimizer: AdamW with warmup + (cosine | linear | wsd | constant), global-norm clipping and a
-weight-decay mask (no decay on vectors: norms and biases; embeddings optional)."""
+weight-decay mask (no decay on vectors: norms and biases; embeddings optional), split into the
+layer families' parameter groups (sparsejax/layers/family.py ``ParamGroup``): each group runs
+its own AdamW on the main schedule's shape scaled to its own peak (or a constant lr), with its
+own weight decay and, optionally, its own clipping."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import optax
@@ -10,9 +15,12 @@ from sparsejax.config import Config
 from sparsejax.layers import registry
 
 
-def lr_schedule(cfg: Config) -> optax.Schedule:
+def lr_schedule(cfg: Config, peak: float | None = None) -> optax.Schedule:
+  """The main schedule (peak ``optim.lr``); ``peak``: the same warmup and decay shape scaled to
+  that peak (parameter groups)."""
   o, steps = cfg.optim, cfg.train.steps
-  peak, floor, warm = o.lr, o.lr * o.min_lr_ratio, o.warmup_steps
+  peak = o.lr if peak is None else peak
+  floor, warm = peak * o.min_lr_ratio, o.warmup_steps
   # Linear warmup that reaches `peak` at update `warm - 1`; the first update is not wasted.
   warmup = optax.linear_schedule(peak / max(warm, 1), peak, max(warm - 1, 1))
   rest = max(steps - warm, 1)
@@ -50,38 +58,82 @@ def decay_mask(params, cfg: Config):
 BUFFER_PREFIX = "buffer_"  # non-gradient state updated by sown "update__buffer_*" (step.py)
 
 
-def param_groups(params) -> dict:
-  """Label each leaf: "frozen" for buffers (never touched by the optimizer), the name of the
-  first family ParamGroup whose prefix the leaf name starts with (e.g. memory value tables,
-  ``values_*`` -> "memory_values"), else "default"."""
-  groups = registry.param_groups()
+def _key_name(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def param_groups(params, cfg: Config | None = None) -> dict:
+  """Label each leaf: "frozen" for buffers (never touched by the optimizer); else the first
+  family ParamGroup whose prefix the leaf name starts with (e.g. memory value tables,
+  ``values_*`` -> "memory_values"); else "default".
+
+  With ``cfg``, a leaf under ``blocks/<i>/`` is matched only against the groups of layer i's
+  attention and FFN families, so families that name leaves alike (memory's and PEER's
+  ``w_query_DxHxK``) keep their own groups; without ``cfg`` (and outside ``blocks``) every
+  registered family's groups are tried in registry order."""
+  everyone = registry.param_groups()
+  per_layer = None if cfg is None else [
+      [g for f in pair for g in f.param_groups] for pair in registry.layer_families(cfg)]
 
   def label(path, _):
-    last = path[-1]
-    name = str(getattr(last, "key", getattr(last, "name", last)))
+    name = _key_name(path[-1])
     if name.startswith(BUFFER_PREFIX):
       return "frozen"
+    groups = everyone
+    if per_layer is not None and len(path) > 2 and _key_name(path[0]) == "blocks":
+      groups = per_layer[int(_key_name(path[1]))]
     return next((g.name for g in groups if name.startswith(g.prefix)), "default")
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def _adamw(lr, clip: float, weight_decay: float, mask, cfg: Config):
+def group_hypers(cfg: Config) -> dict[str, dict]:
+  """Every optimizer group's resolved hyper-parameters: ``{"lr": schedule, "weight_decay":
+  float, "grad_clip": float | None}`` ("default" and every registered family's groups; None
+  clip: one global norm together with the default group)."""
   o = cfg.optim
-  parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  out = {"default": {"lr": lr_schedule(cfg), "weight_decay": o.weight_decay, "grad_clip": None}}
+  for g in registry.param_groups():
+    h = g.hyper(cfg)
+    given = [k for k in ("lr", "lr_mult", "peak_lr") if k in h]
+    if len(given) != 1:
+      raise ValueError(f"parameter group {g.name!r}: hyper() must give exactly one of lr, "
+                       f"lr_mult, peak_lr; got {sorted(h)}")
+    if "lr" in h:
+      lr = h["lr"]
+    else:
+      lr = lr_schedule(cfg, h["peak_lr"] if "peak_lr" in h else h["lr_mult"] * o.lr)
+    out[g.name] = {"lr": lr, "weight_decay": h.get("weight_decay", o.weight_decay),
+                   "grad_clip": h.get("grad_clip")}
+  return out
+
+
+def _adamw(lr, clip: float | None, weight_decay: float, mask, cfg: Config):
+  o = cfg.optim
+  parts = [optax.clip_by_global_norm(clip)] if clip else []
   parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=weight_decay,
                            mask=mask))
   return optax.chain(*parts)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-  """AdamW over all parameters; each family ParamGroup (sparsejax/layers/family.py) gets its own
-  AdamW with the family's hyper-parameters (memory values: constant ``memory.value_lr``, own
-  clipping and weight decay, as in Memory Layers at Scale); ``buffer_*`` leaves are frozen."""
+  """AdamW over all parameters, one per group (``group_hypers``): "default", each family
+  ParamGroup (memory values: ``memory.value_lr`` constant or as the peak of the main
+  schedule, own clip and weight decay; product keys / query projections / PEER experts:
+  multiples of the main schedule), "frozen" for ``buffer_*`` leaves. The decay mask holds in
+  every group. ``optim.grad_clip`` clips one global norm over the default group and every
+  group without a clip of its own, before the groups' updates."""
   o = cfg.optim
-  txs = {"default": _adamw(lr_schedule(cfg), o.grad_clip, o.weight_decay,
-                           lambda p: decay_mask(p, cfg), cfg)}
-  for g in registry.param_groups():
-    h = g.hyper(cfg)
-    txs[g.name] = _adamw(h["lr"], h["grad_clip"], h["weight_decay"], None, cfg)
+  hypers = group_hypers(cfg)
+  mask = functools.partial(decay_mask, cfg=cfg)
+  txs = {name: _adamw(h["lr"], h["grad_clip"], h["weight_decay"], mask, cfg)
+         for name, h in hypers.items()}
   txs["frozen"] = optax.set_to_zero()
-  return optax.multi_transform(txs, param_groups)
+  labels = functools.partial(param_groups, cfg=cfg)
+  tx = optax.multi_transform(txs, labels)
+  if o.grad_clip <= 0:
+    return tx
+  joint = {name for name, h in hypers.items() if h["grad_clip"] is None}
+  clip = optax.multi_transform(
+      {"joint": optax.clip_by_global_norm(o.grad_clip), "own": optax.identity()},
+      lambda p: jax.tree.map(lambda g: "joint" if g in joint else "own", labels(p)))
+  return optax.chain(clip, tx)
