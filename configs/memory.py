@@ -8,8 +8,9 @@ Presets (``--config configs/memory.py:<preset>``):
          python -m sparsejax.train --config configs/memory.py:tiny --workdir runs/memory-tiny
   125m   configs/dense.py:125m with the FFNs of layers 3, 6 and 9 replaced by Memory+ layers
          sharing one 1024² x 768 value pool (0.8B memory parameters), 4 heads, k=32,
-         d_key 512; values trained with their own constant lr. Training FLOPs per token
-         778M vs dense-125m 774M (+0.5%); 916M total parameters, 110.8M active per token.
+         d_key 512; values trained with their own constant lr; queries whitened per head
+         (memory.query_center="whiten", 4 x 512² per token). Training FLOPs per token 797M vs
+         dense-125m 774M (+3%); 919M total parameters, 113.9M active per token.
          python -m sparsejax.train --config configs/memory.py:125m --workdir runs/memory-125m
   350m, 760m, 1.3b
          the dense shape of the same name with Memory+ in layers 6, 12 and 18 sharing one

@@ -10,8 +10,8 @@ Presets (``--config configs/peer.py:<preset>``):
          A PEER layer costs fewer FLOPs than the SwiGLU FFN it replaces (see
          PEER.active_params_per_token), so the depth is chosen to match configs/dense.py:125m
          in training FLOPs per token at seq 2048 (python -m sparsejax.info, vocab 32768):
-         17 layers -> 759 MFLOP/token vs dense-125m 774 (98%; 16 layers: 724, 18: 795);
-         27.5B total parameters (1.6B per PEER layer), 99.8M active per token.
+         17 layers -> 773 MFLOP/token vs dense-125m 774 (100%, query whitening included);
+         27.5B total parameters (1.6B per PEER layer), 102.0M active per token.
          python -m sparsejax.train --config configs/peer.py:125m --workdir runs/peer-125m
   350m   dense-350m shape (d=1024, L=24), PEER in every layer, N = 1024², h=32, k=16:
          1.06x dense-350m training FLOPs per token; 51.8B total, 361M active parameters.

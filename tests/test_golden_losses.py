@@ -9,8 +9,14 @@ import pytest
 import golden_losses as gl
 
 
+# The cases that are some config file's plain tiny preset (moe, peer, memory, sparse_attn) are
+# checked by tests/test_train.py::test_bitwise_resume_every_family, whose reference run is the
+# case itself (one training instead of two); the rest are checked here.
+HERE = sorted(set(gl.CASES) - {"moe", "peer", "memory", "sparse_attn"})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(gl.CASES))
+@pytest.mark.parametrize("name", HERE)
 def test_family_losses_match_golden(name, default_dataset, tmp_path):
   golden = json.loads(gl.GOLDEN.read_text())
   current = {name: gl.run_case(name, tmp_path)}

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import golden_losses as gl
+
 from sparsejax.config import ConfigError
 from sparsejax.configure import load_config
 from sparsejax.eval.checkpoint import evaluate
@@ -238,9 +240,10 @@ def test_eval_cli_prints_one_json_line(tmp_path, baseline):
   assert "--step 7 is not a committed checkpoint" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("config_file", sorted(p.name for p in (REPO / "configs").glob("*.py")))
-def test_every_config_files_tiny_preset_trains_two_steps(tmp_path, config_file, default_dataset):
-  cfg = load_config(f"configs/{config_file}:tiny", **{
+def test_dense_config_files_tiny_preset_trains_two_steps(tmp_path, default_dataset):
+  """The other config files' tiny presets train (and resume, and match their golden losses)
+  in test_bitwise_resume_every_family."""
+  cfg = load_config("configs/dense.py:tiny", **{
       "train.steps": 2, "optim.warmup_steps": 1, "train.log_every_steps": 1,
       "train.eval_every_steps": 0, "train.checkpoint_every_steps": 0, "train.progress_bar": False})
   result = looplib.train_and_evaluate(cfg, tmp_path, devices=jax.devices()[:1])
@@ -248,20 +251,36 @@ def test_every_config_files_tiny_preset_trains_two_steps(tmp_path, config_file, 
   assert Checkpointer(tmp_path).committed_steps() == [2]
 
 
-@pytest.mark.parametrize("config_file", sorted(p.name for p in (REPO / "configs").glob("*.py")
-                                               if p.name != "dense.py"))
-def test_bitwise_resume_every_family(tmp_path, config_file, default_dataset):
-  """Stop at step 3 and resume to 6 == 6 uninterrupted steps, for each family's tiny preset
-  (dense is covered, with more checks, by test_bitwise_resume)."""
-  over = {"train.steps": 6, "optim.warmup_steps": 1, "train.log_every_steps": 1,
-          "train.eval_every_steps": 0, "train.checkpoint_every_steps": 0,
-          "train.progress_bar": False}
-  cfg = load_config(f"configs/{config_file}:tiny", **over)
+def test_every_config_file_is_covered():
+  names = {p.stem for p in (REPO / "configs").glob("*.py")}
+  assert names == {"dense"} | set(GOLDEN_OF_CONFIG), "add the new config file's tiny preset to " \
+      "tests/golden_losses.py CASES and GOLDEN_OF_CONFIG below"
+
+
+# config file -> its golden-loss case (tests/golden_losses.py): the reference run of the
+# bitwise-resume test below IS that case, so it is checked against the golden numbers here
+GOLDEN_OF_CONFIG = {"moe": "moe", "peer": "peer", "memory": "memory",
+                    "sparse_attn": "sparse_attn"}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_OF_CONFIG))
+def test_bitwise_resume_every_family(tmp_path, name, default_dataset):
+  """For each family's tiny preset (dense: test_bitwise_resume, with more checks): the 6-step
+  golden-loss case trains to its recorded losses (tests/golden/family_losses.json), writes one
+  final checkpoint, and stopping at step 3 then resuming to 6 gives the same losses and bitwise
+  the same parameters."""
+  case = GOLDEN_OF_CONFIG[name]
+  path, overrides = gl.CASES[case]
+  ref = gl.run_case(case, tmp_path)
+  golden = json.loads(gl.GOLDEN.read_text())
+  assert not gl.compare(golden, {case: ref}), gl.compare(golden, {case: ref})
+  over = {**gl.COMMON, **overrides}
+  cfg = load_config(path, **over)
+  assert np.isfinite(ref["loss"]).all() and len(ref["loss"]) == gl.STEPS
+  assert Checkpointer(tmp_path / case).committed_steps() == [gl.STEPS]
   one = jax.devices()[:1]
-  looplib.train_and_evaluate(cfg, tmp_path / "ref", devices=one)
-  looplib.train_and_evaluate(load_config(f"configs/{config_file}:tiny",
-                                         **{**over, "train.stop_at_step": 3}),
+  looplib.train_and_evaluate(load_config(path, **{**over, "train.stop_at_step": 3}),
                              tmp_path / "run", devices=one)
   looplib.train_and_evaluate(cfg, tmp_path / "run", devices=one)
-  assert losses(tmp_path / "run") == losses(tmp_path / "ref")
-  assert_trees_equal(final_params(tmp_path / "run", cfg)[0], final_params(tmp_path / "ref", cfg)[0])
+  assert losses(tmp_path / "run") == losses(tmp_path / case)
+  assert_trees_equal(final_params(tmp_path / "run", cfg)[0], final_params(tmp_path / case, cfg)[0])
