@@ -13,14 +13,17 @@ FLOPs are analytic (6N + attention, sparsejax.models.accounting). Budgets are BA
 BUDGET_FACTOR**i (1.5e10, 4.5e10, 1.35e11, 4.05e11); widths are 16, 32, 48, 64 (d_model; 4 heads,
 2 KV heads, so heads divide every width). Steps are at least warmup + 1 (the config requires
 warmup < steps). The default grid is 4 budgets x 4 widths x 4 families = 64 runs, 9.6e12 FLOPs in
-all, from 44 steps (moe-d64-b0) to 8,046 (peer-d16-b3).
+all, from 23 steps (moe-d64-b0) to 8,306 (dense-d16-b3).
 
-Measured on the 2-core CI-sized machine (2026-11-28, --parallel 2, each run pinned to one core):
-the first three budgets (48 runs) took 9 min 41 s, the fourth (16 runs, the others skipped as
-done) 7 min 49 s, so the whole grid is ~17.5 min; the fit and report take ~25 s more. The report
-is committed in experiments/results/isoflop_tiny/ (REPORT.md, fits.json, plots). At this scale
-approach 3 cannot separate E from the other terms (it fits E ~ 0, flagged in the report); the
-isoFLOP parabolas (approach 2) have interior minima that move to larger N as the budget grows.
+Re-run 2026-12-07 after issue 12 (query whitening for memory / PEER, N with the head at the
+true vocabulary, total-FLOPs budgets), on the 2-core machine shared with other jobs (so wall
+times are upper bounds): 64 runs, 4624 s of run wall time in all at --parallel 2 (dense and moe
+in ~20 min, memory and peer in ~25 min); the fit and report ~2.5 min (100 bootstrap resamples per
+family, one BLAS thread). The report is committed in experiments/results/isoflop_tiny/
+(REPORT.md, fits.json, plots). At this scale approach 3 still cannot separate E from the other
+terms (E ~ 0, flagged); the approach-2 minima move to larger N as the budget grows. At the
+largest budget (4.05e11 total FLOPs) the parabola minima are PEER 1.75, memory 1.80, dense 1.84,
+MoE 1.86 nats.
 """
 
 from sparsejax.configure import load_config

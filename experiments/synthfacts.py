@@ -67,7 +67,7 @@ FIXED = {"dense": {},
 KNOBS = {
     "dense": [{}],
     "memory": [{"memory.d_key": k} for k in (64, 96, 32, 128)],
-    "peer": [{"peer.d_key": k} for k in (128, 96, 192, 64)],
+    "peer": [{"peer.d_key": k} for k in (128, 96, 80, 192, 64)],
     # one dense FFN's worth of active experts (+ the router): granularity g with top-1 (the
     # layer multiplies E and k by g) or, if granularity does not scale k, top-g
     "moe": [{"moe.granularity": g, "moe.top_k": k} for g in (2, 4) for k in (1, g)],
