@@ -255,7 +255,9 @@ def test_sharded_presets_leave_no_large_weight_replicated(preset):
   """Beyond 'unchanged': under every preset but dp each weight >= 1M elements is split over
   some axis. Product-key tables are the documented exception: PEER / memory value tables keep
   rows whole so lookups stay local (columns over tensor: split only under fsdp_tp), sub-keys
-  are replicated (the fused top-k reads all of them per batch shard)."""
+  are replicated (the fused top-k reads all of them per batch shard), and so is the query
+  whitening covariance (``buffer_qcov_HxKxK``, H x d_key², 4 MiB on memory-125m: a frozen
+  statistic every batch shard needs whole for its eigendecomposition)."""
   golden = json.loads(sg.golden_path(preset).read_text())
   tables = ("experts_in_NxD", "experts_out_NxD", "values_NxD")
   for family, body in golden["families"].items():
@@ -264,7 +266,7 @@ def test_sharded_presets_leave_no_large_weight_replicated(preset):
         continue
       if name.endswith(tables):
         assert entry["spec"] == ([None, "tensor"] if preset == "fsdp_tp" else [None, None])
-      elif name.endswith("subkeys_Hx2xSxC"):
+      elif name.endswith(("subkeys_Hx2xSxC", "buffer_qcov_HxKxK")):
         assert not any(entry["spec"])
       else:
         assert any(entry["spec"]), (preset, family, name)
