@@ -141,9 +141,47 @@ class MeshConfig:
   rules: tuple[tuple[str, Any], ...] = ()  # overrides of the logical-axis rule table
 
 
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+  """Weight sparsity during training (sparsejax/sparsity/): one ``method`` over the matmul
+  weights of the ``targets`` (layer kinds "attention" / "ffn" or family names, e.g. "moe";
+  which leaves a family offers, and their contraction axis, is its ``Family.prunable``).
+  "none" changes nothing. Methods:
+    * "nm": N:M along the contraction axis, recomputed from the dense weights every step
+      (SR-STE: backward adds ``nm_lambda * (1 - M) * W``; ``nm_decay="after_clip"`` adds it to the
+      clipped gradients instead, the 2:4-pretraining variant); the last ``dense_fraction`` of
+      the steps trains dense;
+    * "gmp": gradual magnitude pruning, cubic from 0 at ``start_fraction`` to ``sparsity`` at
+      ``end_fraction`` of the steps, updated every ``update_every`` steps; "oneshot": all of it
+      at ``start_fraction``; "random": a static random mask from step 0;
+    * "rigl" / "set" / "momentum": dynamic sparse training from a random mask at ``sparsity``:
+      every ``update_every`` steps until ``end_fraction``, drop ``drop_fraction/2 * (1 + cos(pi
+      t / T_end))`` of each layer's active weights by magnitude and grow as many by |gradient|
+      (RigL), at random (SET) or by |momentum| with layer budgets by mean momentum (sparse
+      momentum).
+  ``distribution``: per-layer densities "uniform" or "erk"; ``block``: "RxC" prunes whole
+  blocks (R along the contraction axis, C along the last other axis)."""
+  method: str = field("none", "none", "nm", "gmp", "oneshot", "random", "rigl", "set",
+                      "momentum", shapes=True)
+  targets: tuple[str, ...] = field(("attention", "ffn"), shapes=True)
+  sparsity: float = 0.5          # final fraction of pruned weights in the targets
+  distribution: str = field("uniform", "uniform", "erk")
+  block: str = "1x1"
+  n: int = 2                     # nm: keep n of every m consecutive weights
+  m: int = 4
+  nm_lambda: float = 2e-4        # SR-STE decay of the pruned weights; 0 = plain STE
+  nm_decay: str = field("backward", "backward", "after_clip")
+  dense_fraction: float = 0.0    # nm: train dense for this last fraction of the steps
+  start_fraction: float = 0.25   # gmp: t0; oneshot: the pruning step
+  end_fraction: float = 0.75     # gmp: t1; rigl / set / momentum: T_end
+  update_every: int = 100        # gmp: delta t; dst: delta T
+  drop_fraction: float = 0.3     # dst: alpha
+  momentum_beta: float = 0.9     # momentum: the EMA of gradients that ranks growth
+
+
 CORE_SECTIONS: dict[str, type] = {
     "model": ModelConfig, "attention": AttentionConfig, "ffn": FFNConfig, "data": DataConfig,
-    "optim": OptimConfig, "train": TrainConfig, "mesh": MeshConfig}
+    "optim": OptimConfig, "train": TrainConfig, "mesh": MeshConfig, "sparsity": SparsityConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +193,7 @@ class Config:
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
+  sparsity: SparsityConfig = SparsityConfig()
   name: str = "dense"
   # Family sections, sorted by name: (("memory", MemoryConfig(...)), ("moe", MoEConfig(...)), ..)
   families: tuple[tuple[str, Any], ...] = ()

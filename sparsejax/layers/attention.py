@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.layers.common import DTYPES, RMSNorm, param, rope
-from sparsejax.layers.family import Family
+from sparsejax.layers.family import Family, Prunable
 from sparsejax.parallel.sharding import constrain
 
 
@@ -63,4 +63,10 @@ class DenseAttention(nnx.Module):
     return self.project_out(o_BxTxHxK)
 
 
-FAMILY = Family("dense", "attention", DenseAttention, shapes=("model", "attention"))
+# q / k / v contract over d_model (axis 0); the output projection over heads x head_dim, its
+# N:M groups run along head_dim (axis 1)
+PRUNABLE = (Prunable("wq_DxHxK", 0), Prunable("wk_DxKxH", 0), Prunable("wv_DxKxH", 0),
+            Prunable("wo_HxKxD", 1))
+
+FAMILY = Family("dense", "attention", DenseAttention, shapes=("model", "attention"),
+                prunable=PRUNABLE)

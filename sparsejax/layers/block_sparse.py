@@ -27,7 +27,7 @@ from kernels_pallas.block_sparse_attention.masks import Mask, parse_mask
 from kernels_pallas.block_sparse_attention.ops import block_sparse_attention, resolve_impl
 from sparsejax.errors import ConfigError
 from sparsejax.layers import kernel_impl
-from sparsejax.layers.attention import DenseAttention
+from sparsejax.layers.attention import PRUNABLE, DenseAttention
 from sparsejax.layers.family import Family, LayerCost
 from sparsejax.parallel.sharding import active_mesh_rules, logical_spec
 
@@ -136,4 +136,4 @@ def cost(layer: BlockSparseAttention, seq_len: int) -> LayerCost:
 
 
 FAMILY = Family("block_sparse", "attention", BlockSparseAttention, check=check, cost=cost,
-                shapes=("model", "attention"))
+                shapes=("model", "attention"), prunable=PRUNABLE)

@@ -15,7 +15,10 @@ the family modules. Nothing outside the family file knows its options:
   * ``cost``: ``cost(module, seq_len) -> LayerCost`` for the FLOP / bytes accounting
     (absent: every matmul weight is active, attention is dense causal);
   * ``shapes``: the config sections whose ``shapes=True`` fields shape its parameters (compared
-    field by field when a checkpoint is resumed).
+    field by field when a checkpoint is resumed);
+  * ``prunable``: the matmul weights weight sparsity may prune (``config.sparsity``,
+    sparsejax/sparsity/), each with its contraction axis (N:M groups run along it) and the
+    fraction of its weights one token uses (FLOP accounting of pruned weights).
 """
 
 from __future__ import annotations
@@ -50,6 +53,17 @@ class ParamGroup:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prunable:
+  """A weight ``leaf`` (the parameter's name in the layer) that weight sparsity may prune: N:M
+  groups and block rows run along ``axis``, its contraction (input) axis; ``active(module)`` is
+  the fraction of its weights one token passes through (MoE experts: routed per token / experts;
+  None: all of them)."""
+  leaf: str
+  axis: int
+  active: Callable[[Any], float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   name: str
   kind: str                                      # "attention" | "ffn"
@@ -60,6 +74,7 @@ class Family:
   param_groups: tuple[ParamGroup, ...] = ()
   cost: Callable[[Any, int], LayerCost] | None = None
   shapes: tuple[str, ...] = ("model",)
+  prunable: tuple[Prunable, ...] = ()
 
   def __post_init__(self):
     if self.kind not in ("attention", "ffn"):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.layers.common import DTYPES, param
-from sparsejax.layers.family import Family
+from sparsejax.layers.family import Family, Prunable
 from sparsejax.parallel.sharding import constrain
 
 ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -34,4 +34,6 @@ class GatedFFN(nnx.Module):
     return jnp.einsum("btf,fd->btd", h_BxTxF, self.w_down_FxD[...].astype(dt))
 
 
-FAMILY = Family("dense", "ffn", GatedFFN, shapes=("model", "ffn"))
+FAMILY = Family("dense", "ffn", GatedFFN, shapes=("model", "ffn"),
+                prunable=(Prunable("w_gate_DxF", 0), Prunable("w_up_DxF", 0),
+                          Prunable("w_down_FxD", 0)))

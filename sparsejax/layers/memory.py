@@ -54,7 +54,7 @@ from sparsejax.config import field
 from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
 from sparsejax.layers.common import DTYPES, param, sow
-from sparsejax.layers.family import Family, LayerCost, ParamGroup
+from sparsejax.layers.family import Family, LayerCost, ParamGroup, Prunable
 from sparsejax.layers.query_center import QueryCenter, usage_scalars
 from sparsejax.parallel.sharding import constrain
 
@@ -266,7 +266,9 @@ FAMILY = Family(
                              lambda cfg: {"lr_mult": cfg.memory.key_lr_mult}),
                   ParamGroup("memory_queries", ("w_query_", "query_"),
                              lambda cfg: {"lr_mult": cfg.memory.query_lr_mult})),
-    cost=cost, shapes=("model", "memory"))
+    cost=cost, shapes=("model", "memory"),
+    # query projection and the Memory+ input / output projections (value rows are looked up)
+    prunable=(Prunable("w_query_DxHxK", 0), Prunable("w_in_DxD", 0), Prunable("w_out_DxD", 0)))
 
 
 def brute_force_reference(layer: MemoryLayer, x_BxTxD: jax.Array) -> jax.Array:

@@ -78,7 +78,7 @@ from sparsejax.config import ConfigError, field
 from sparsejax.layers import kernel_impl, routers
 from sparsejax.layers.common import DTYPES, param, sow
 from sparsejax.layers.ffn import ACTIVATIONS
-from sparsejax.layers.family import Family, LayerCost
+from sparsejax.layers.family import Family, LayerCost, Prunable
 from sparsejax.layers.moe_dispatch import (capacity, capacity_local, dropless, dropless_sharded,
                                            ep_mesh, expert_choice_local)
 from sparsejax.parallel.sharding import constrain
@@ -382,6 +382,15 @@ def cost(layer: MoE, seq_len: int) -> LayerCost:
   return LayerCost(active_params=layer.active_params_per_token(seq_len))
 
 
+def _routed_share(module) -> float:
+  """The fraction of the routed experts' weights one token uses (expert choice: on average)."""
+  return module.top_k / module.num_experts
+
+
 FAMILY = Family("moe", "ffn", MoE, section=("moe", MoEConfig), check=check,
                 rules=(("experts", "expert"), ("expert_mlp", "tensor")), cost=cost,
-                shapes=("model", "ffn", "moe"))
+                shapes=("model", "ffn", "moe"), prunable=(
+                    *(Prunable(n, 1, _routed_share) for n in
+                      ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")),
+                    Prunable("shared_gate_DxS", 0), Prunable("shared_up_DxS", 0),
+                    Prunable("shared_down_SxD", 0)))

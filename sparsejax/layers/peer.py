@@ -44,7 +44,7 @@ from sparsejax.config import field
 from sparsejax.layers import kernel_impl
 from sparsejax.layers import product_keys as pk
 from sparsejax.layers.common import DTYPES, param, sow
-from sparsejax.layers.family import Family, LayerCost, ParamGroup
+from sparsejax.layers.family import Family, LayerCost, ParamGroup, Prunable
 from sparsejax.layers.query_center import QueryCenter, usage_scalars
 from sparsejax.parallel.sharding import constrain
 
@@ -230,7 +230,9 @@ FAMILY = Family("peer", "ffn", PEER, section=("peer", PEERConfig), check=check,
                                lambda cfg: {"lr_mult": cfg.peer.query_lr_mult}),
                     ParamGroup("peer_experts", "experts_",
                                lambda cfg: {"lr_mult": cfg.peer.expert_lr_mult})),
-                cost=cost, shapes=("model", "peer"))
+                cost=cost, shapes=("model", "peer"),
+                # the query projection; expert rows are looked up, not multiplied through
+                prunable=(Prunable("w_query_DxHxK", 0),))
 
 
 def dense_reference(layer: PEER, x_BxTxD: jax.Array) -> jax.Array:
