@@ -6,6 +6,7 @@
     sparsejax demo     [--workdir runs/default]                         (= python -m sparsejax.demo)
     sparsejax info     --config configs/dense.py:350m                   (= python -m sparsejax.info)
     sparsejax fit      --root runs/isoflop_tiny [--out DIR]             (= python -m sparsejax.scaling.analyze)
+    sparsejax sparsity --workdir runs/t [--step N]   densities / N:M check of a checkpoint, JSON
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ COMMANDS = {
     "demo": "sparsejax.demo",
     "info": "sparsejax.info",
     "fit": "sparsejax.scaling.analyze",
+    "sparsity": "sparsejax.eval.sparsity_check",
 }
 # Commands whose module parses its own arguments (argparse): main(argv) -> exit status.
-ARGPARSE = {"fit"}
+ARGPARSE = {"fit", "sparsity"}
 REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"], "info": ["config"]}
 
 

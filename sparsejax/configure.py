@@ -26,7 +26,7 @@ import ml_collections
 from sparsejax import config as schema
 from sparsejax.config import Config, ConfigError
 from sparsejax.data import synthfacts
-from sparsejax.layers import registry
+from sparsejax.layers import ffn, registry
 from sparsejax.parallel import mesh as mesh_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -39,6 +39,8 @@ def validate(raw: ml_collections.ConfigDict | dict) -> Config:
   cfg = dataclasses.replace(cfg, mesh=mesh_lib.resolve(cfg.mesh))  # before the family checks
   schema.core_checks(cfg)
   registry.check(cfg)
+  _check_sparsity_targets(cfg)
+  ffn.check_activation(cfg)  # config.ffn.activation(_topk): read by dense and MoE layers
   if cfg.data.synthfacts_facts:
     synthfacts.check(cfg.data.synthfacts_facts, cfg.data.synthfacts_fraction,
                      cfg.data.synthfacts_seed)
@@ -54,6 +56,14 @@ def with_defaults(raw: ml_collections.ConfigDict | dict) -> ml_collections.Confi
 def replace(cfg: Config, **dotted) -> Config:
   """A re-validated copy with dotted overrides."""
   return validate(schema.with_overrides(cfg.to_dict(), dotted))
+
+
+def _check_sparsity_targets(cfg: Config) -> None:
+  known = {"attention", "ffn", *registry.ATTENTION, *registry.FFN}
+  bad = [t for t in cfg.sparsity.targets if t not in known]
+  if bad:
+    raise ConfigError(f"config.sparsity.targets: unknown entry {bad[0]!r}; use a layer kind "
+                      f"(attention, ffn) or a family name ({', '.join(sorted(known))})")
 
 
 def check_resume(saved: dict, cfg: Config, where: str) -> None:

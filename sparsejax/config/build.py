@@ -233,6 +233,7 @@ def core_checks(cfg: Config) -> None:
     raise ConfigError(f"config.optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
   if not 0.0 < cfg.optim.wsd_decay_fraction <= 1.0:
     raise ConfigError("config.optim.wsd_decay_fraction: must be in (0, 1]")
+  _sparsity_checks(cfg.sparsity)
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ConfigError(f"config.mesh: axis sizes {sizes} (data, fsdp, expert, tensor) must be "
@@ -240,3 +241,26 @@ def core_checks(cfg: Config) -> None:
   for i, rule in enumerate(cfg.mesh.rules):
     if len(rule) != 2 or not isinstance(rule[0], str):
       raise ConfigError(f"config.mesh.rules[{i}]: expected (logical_name, mesh_axes), got {rule!r}")
+
+
+def _sparsity_checks(s) -> None:
+  """config.sparsity ranges (shapes and the mesh are checked by sparsejax/sparsity/targets.py)."""
+  unit = {"sparsity": (s.sparsity, 0.0, 1.0, "[0, 1)"), "drop_fraction": (s.drop_fraction, 0.0,
+          1.0, "[0, 1]"), "momentum_beta": (s.momentum_beta, 0.0, 1.0, "[0, 1)"),
+          "start_fraction": (s.start_fraction, 0.0, 1.0, "[0, 1]"),
+          "end_fraction": (s.end_fraction, 0.0, 1.0, "[0, 1]"),
+          "dense_fraction": (s.dense_fraction, 0.0, 1.0, "[0, 1)")}
+  for key, (value, lo, hi, text) in unit.items():
+    if not lo <= value <= hi or (text.endswith(")") and value >= hi):
+      raise ConfigError(f"config.sparsity.{key}: must be in {text}, got {value}")
+  if s.method == "none":
+    return
+  if s.method == "nm" and not 0 < s.n < s.m:
+    raise ConfigError(f"config.sparsity.n: need 0 < n < m, got n={s.n}, m={s.m}")
+  if s.update_every < 1:
+    raise ConfigError(f"config.sparsity.update_every: must be >= 1, got {s.update_every}")
+  if s.method == "gmp" and s.end_fraction < s.start_fraction:
+    raise ConfigError(f"config.sparsity.end_fraction: {s.end_fraction} is before start_fraction "
+                      f"{s.start_fraction}")
+  if s.nm_lambda < 0:
+    raise ConfigError(f"config.sparsity.nm_lambda: must be >= 0, got {s.nm_lambda}")

@@ -70,7 +70,9 @@ class FFNConfig:
   overrides: tuple[str, ...] = field((), shapes=True)  # "<layer>:<type>" entries, applied last
   d_ff: int = field(0, shapes=True)  # 0: 8/3 * d_model rounded up to multiple_of (SwiGLU)
   multiple_of: int = field(64, shapes=True)
-  activation: str = field("swiglu", "swiglu", "geglu")
+  # gated activation (sparsejax/layers/ffn.py): relu / relu2 / drelu make h exactly sparse
+  activation: str = field("swiglu", "swiglu", "geglu", "relu", "relu2", "drelu")
+  activation_topk: int = field(0)  # k > 0: keep the k largest |h| per token in dense FFN layers
 
 
 @dataclasses.dataclass(frozen=True)

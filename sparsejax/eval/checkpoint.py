@@ -24,6 +24,7 @@ from sparsejax.eval.core import evaluate_params, make_eval_step
 from sparsejax.layers import registry
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel import sharding as shd
+from sparsejax.sparsity import hooks as sparsity
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.state import abstract_state, model_spec
 
@@ -80,7 +81,11 @@ def restore(workdir: str | pathlib.Path, step: int | None = None,
   target, shardings = abstract_state(spec, mesh)
   state, _, _ = ckpt.restore(step, target)
   ckpt.close()
-  return Restored(step, cfg, meta, spec, state["params"], mesh,
+  params = state["params"]
+  if cfg.sparsity.method != "none":  # the weights the sparse model computes with
+    params = sparsity.jitted_inference_params(cfg, step, shardings["params"])(
+        params, state["opt_state"])
+  return Restored(step, cfg, meta, spec, params, mesh,
                   registry.logical_rules(cfg.mesh), shardings["params"])
 
 

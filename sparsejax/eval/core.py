@@ -1,5 +1,6 @@
 """Evaluation over batches: the eval step (loss sums plus the layers' ``usage*`` count vectors),
-its reduction to loss / perplexity / bits-per-byte / key usage, and ``evaluate_params`` that runs
+its reduction to loss / perplexity / bits-per-byte / key usage (and, for sparse FFN activations,
+the fraction of hidden units that never fired in the window), and ``evaluate_params`` that runs
 it over host batches (used by the training loop's periodic eval and by checkpoint evaluation,
 sparsejax/eval/checkpoint.py)."""
 
@@ -14,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sparsejax import data as sdata
+from sparsejax.layers.ffn import NEURON_USAGE
 from sparsejax.models.forward import forward_sums
 from sparsejax.parallel.sharding import global_batch
 
@@ -49,7 +51,8 @@ def summarize_eval(sums: dict[str, float], bytes_per_token: float) -> dict[str, 
 def evaluate_params(eval_fn, params, batches, sharding, bytes_per_token: float,
                     on_batch=None, progress: bool = False) -> dict:
   """Run the jitted eval step over host batches and reduce to loss / ppl / bits-per-byte, plus
-  key usage (touched fraction, KL from uniform) for every sown ``usage*`` count vector.
+  key usage (touched fraction, KL from uniform) for every sown ``usage*`` count vector, and
+  ``<layer>/dead_fraction`` (units with a zero count over the window) for FFN ``usage_neurons``.
   Every process passes the same full batches. ``on_batch(i)`` after each (a watchdog beat);
   ``progress``: a tqdm bar (batches, tokens so far, time left) on process 0."""
   totals = {"ce_sum": 0.0, "count": 0.0, "correct": 0.0}
@@ -74,6 +77,9 @@ def evaluate_params(eval_fn, params, batches, sharding, bytes_per_token: float,
   for k, counts in usage.items():
     for name, value in usage_summary(counts).items():
       result[f"{k}/{name}"] = value
+    layer, _, leaf = k.rpartition("/")
+    if leaf == NEURON_USAGE:  # sparse FFN activations: hidden units that never fired
+      result[f"{layer}/dead_fraction"] = float(np.mean(counts == 0))
   return result
 
 

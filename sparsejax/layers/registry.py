@@ -133,7 +133,7 @@ def check(cfg) -> None:
 
 def resume_sections(cfg) -> tuple[str, ...]:
   """Sections whose parameter-shaping fields must match a checkpoint to resume it."""
-  out = ["model", "attention", "ffn"]
+  out = ["model", "attention", "ffn", "sparsity"]  # sparsity: the masks in the optimizer state
   for family in families_in_use(cfg):
     out += [s for s in family.shapes if s not in out]
   return tuple(out)

@@ -36,6 +36,18 @@ only group runs into isoFLOP budgets.
 Storage counts (what a checkpoint holds, padded rows included): ``params_total``,
 ``params_embedding`` (input embedding table + untied output head), ``params_non_embedding``.
 
+Exploitable FLOPs (``flops_per_token_exploitable``): what a kernel that skips structurally zero
+work would execute; ``flops_per_token`` stays the dense count (what XLA runs today). Only FFN
+activation top-k (``config.ffn.activation_topk = k``, dense FFN layers of width F) is counted:
+all of h must be computed to pick its k largest entries, so the gate and up projections' forward
+stays dense (2·2·D·F); every other matmul of the layer touches only the k kept units per token
+— the down projection forward (2·D·k) and backward (4·D·k), and the gate / up backward, whose
+pre-activation gradients are exactly zero at dropped units (2·4·D·k). Training: dense 18·D·F,
+exploitable 4·D·F + 14·D·k, i.e. 14·D·(F − k) less per top-k layer (``skippable_flops_per_token``
+of sparsejax/layers/ffn.py). ReLU / ReLU² / dReLU zeros are data-dependent and not counted
+(exploitable = flops_per_token without top-k); the measured fraction is the train metric
+``sown/<layer>/act_nonzero``.
+
 A family whose cost differs (MoE: only active experts; block-sparse attention: only visited
 blocks; memory / PEER: selected rows) declares ``Family.cost(module, seq_len) -> LayerCost``
 (sparsejax/layers/family.py); otherwise all its matmul weights (ndim >= 2) are active and
@@ -68,6 +80,7 @@ class ModelCounts:
   params_active_non_embedding: int = 0  # Kaplan-style N: the same without the output head
   vocab_counted: int = 0       # V used for params_active_total (true vocab when it was known)
   vocab_rows: int = 0          # rows stored and computed (cfg.padded_vocab(V))
+  flops_per_token_exploitable: float = 0.0  # training FLOPs a top-k-aware kernel executes
 
   def as_metrics(self) -> dict[str, float]:
     return {k: float(v) for k, v in dataclasses.asdict(self).items()}
@@ -104,11 +117,13 @@ def count(model, cfg: Config, *, vocab_size: int | None = None) -> ModelCounts:
   body = 0  # active block weights
   attn_fwd = 0.0
   table_bytes = 0.0
+  skippable = 0.0  # training FLOPs per token of exploitable activation sparsity (top-k)
   for block, families in zip(model.blocks, registry.layer_families(cfg)):
     for sub, family in zip((block.attn, block.ffn), families):
       cost = family.cost(sub, seq_len) if family.cost is not None else LayerCost()
       body += cost.active_params if cost.active_params is not None else _matmul_params(sub)
       table_bytes += cost.table_bytes
+      skippable += getattr(sub, "skippable_flops_per_token", lambda: 0.0)()
       if sub is block.attn:
         attn_fwd += (cost.attention_flops if cost.attention_flops is not None else
                      2.0 * seq_len * cfg.model.num_heads * cfg.head_dim)
@@ -119,4 +134,5 @@ def count(model, cfg: Config, *, vocab_size: int | None = None) -> ModelCounts:
                      params_active_per_token=active, flops_per_token=3.0 * fwd,
                      flops_per_token_fwd=fwd, table_bytes_read_per_token=table_bytes,
                      params_active_total=body + vocab * d, params_active_non_embedding=body,
-                     vocab_counted=vocab, vocab_rows=vocab_rows)
+                     vocab_counted=vocab, vocab_rows=vocab_rows,
+                     flops_per_token_exploitable=3.0 * fwd - skippable)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 import time
 
@@ -39,9 +38,10 @@ from sparsejax.layers import registry
 from sparsejax.models import accounting
 from sparsejax.parallel import distributed as dist
 from sparsejax.parallel import hardware, mesh as mesh_lib, sharding as shd
+from sparsejax.sparsity import hooks as sparsity
 from sparsejax.train import step as steplib
 from sparsejax.train.checkpoint import Checkpointer
-from sparsejax.train.metrics import MetricWriter, host_metrics
+from sparsejax.train.metrics import MetricWriter, host_metrics, write_atomic
 from sparsejax.train.optim import make_optimizer
 from sparsejax.train.state import abstract_state, init_state, model_spec
 
@@ -64,13 +64,6 @@ class RunResult:
   eval_metrics: dict | None
   preempted: bool
   xla_flops_per_step: float | None = None  # XLA's count for the step, per device; None: no step
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  """Other processes may read it meanwhile (config.json at their start): never half-written."""
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 class _Run:
@@ -149,8 +142,8 @@ class _Run:
                                         global_batch_size=cfg.data.global_batch_size,
                                         seed=cfg.train.seed, start_batch=self.next_batch)
     if self.is_chief:
-      _write_atomic(self.workdir / "config.json", cfg.to_json())
-      _write_atomic(self.workdir / "run_info.json", json.dumps(self.info, indent=1))
+      write_atomic(self.workdir / "config.json", cfg.to_json())
+      write_atomic(self.workdir / "run_info.json", json.dumps(self.info, indent=1))
       _log.info("model: %s", json.dumps(self.info))
     if self.start == 0:
       self.writer.write(0, self.counts.as_metrics(), prefix="model/")
@@ -176,7 +169,9 @@ class _Run:
     self.watchdog.beat(f"eval at step {step_no}", slow=not self.eval_compiled)
     self.eval_compiled = True
     with shd.activation_sharding(self.mesh, self.rules):
-      result = evaluate_params(self.eval_fn, self.state["params"], self.val_batches,
+      params = sparsity.jitted_inference_params(self.cfg, step_no, self.shardings["params"])(
+          self.state["params"], self.state["opt_state"])  # N:M: the masked weights
+      result = evaluate_params(self.eval_fn, params, self.val_batches,
                                self.batch_sh, self.val_bpt,
                                on_batch=lambda i: self.watchdog.beat(
                                    f"eval batch {i + 1} at step {step_no}"))
@@ -236,7 +231,7 @@ class _Run:
           xla_flops = steplib.compiled_flops(self.train_fn, self.state, batch)
           if self.is_chief:
             self.info["xla_flops_per_step"] = xla_flops
-            _write_atomic(self.workdir / "run_info.json", json.dumps(self.info, indent=1))
+            write_atomic(self.workdir / "run_info.json", json.dumps(self.info, indent=1))
         self.state, metrics = self.train_fn(self.state, batch)
         done = step_no + 1
         # Check the previous step's finiteness while this one runs (one step of lag, no stall).

@@ -12,6 +12,13 @@ import jax
 import numpy as np
 
 
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Other processes may read it meanwhile (config.json at their start): never half-written."""
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
 class MetricWriter:
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
     self.workdir = pathlib.Path(workdir)

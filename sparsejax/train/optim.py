@@ -13,6 +13,7 @@ import optax
 
 from sparsejax.config import Config
 from sparsejax.layers import registry
+from sparsejax.sparsity import transform as sparsity
 
 
 def lr_schedule(cfg: Config, peak: float | None = None) -> optax.Schedule:
@@ -130,10 +131,14 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
   txs["frozen"] = optax.set_to_zero()
   labels = functools.partial(param_groups, cfg=cfg)
   tx = optax.multi_transform(txs, labels)
-  if o.grad_clip <= 0:
-    return tx
-  joint = {name for name, h in hypers.items() if h["grad_clip"] is None}
-  clip = optax.multi_transform(
-      {"joint": optax.clip_by_global_norm(o.grad_clip), "own": optax.identity()},
-      lambda p: jax.tree.map(lambda g: "joint" if g in joint else "own", labels(p)))
-  return optax.chain(clip, tx)
+  s = cfg.sparsity
+  if s.method == "nm" and s.nm_decay == "after_clip":  # on the clipped gradients
+    tx = optax.chain(sparsity.nm_decay_after_clip(cfg), tx)
+  if o.grad_clip > 0:
+    joint = {name for name, h in hypers.items() if h["grad_clip"] is None}
+    clip = optax.multi_transform(
+        {"joint": optax.clip_by_global_norm(o.grad_clip), "own": optax.identity()},
+        lambda p: jax.tree.map(lambda g: "joint" if g in joint else "own", labels(p)))
+    tx = optax.chain(clip, tx)
+  # outermost: sees the raw gradients (RigL grows by them), holds the masks
+  return tx if s.method == "none" else sparsity.sparsify(tx, cfg)

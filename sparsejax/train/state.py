@@ -25,6 +25,7 @@ from sparsejax.config import Config
 from sparsejax.layers import registry
 from sparsejax.models.transformer import Transformer, build_model
 from sparsejax.parallel.sharding import logical_to_spec
+from sparsejax.sparsity import hooks as sparsity, targets as sparse_targets
 from sparsejax.train.optim import make_optimizer
 
 
@@ -82,6 +83,9 @@ def _opt_shardings(opt_state_shape, params_shape, p_shardings, mesh):
 
 def state_shardings(spec: ModelSpec, mesh: Mesh, optimizer: optax.GradientTransformation):
   p_sh = param_shardings(spec, mesh)
+  if spec.cfg.sparsity.method != "none":  # N:M groups must not straddle a shard boundary
+    sparse_targets.check_shards(spec.cfg, sparse_targets.find_targets(
+        spec.cfg, spec.abstract_params), p_sh, mesh)
   opt_shape = jax.eval_shape(optimizer.init, spec.abstract_params)
   replicated = NamedSharding(mesh, P())
   return {"params": p_sh,
@@ -98,7 +102,11 @@ def init_state(spec: ModelSpec, mesh: Mesh, optimizer=None):
 
   def init():
     params = nnx.to_pure_dict(nnx.split(build_model(cfg, spec.vocab_size, seed=cfg.train.seed))[1])
-    return {"params": params, "opt_state": optimizer.init(params),
+    opt_state = optimizer.init(params)
+    sparse = sparsity.find_state(opt_state)
+    if sparse is not None:  # start from the masks' zeros (random / DST masks)
+      params = sparsity.masked_params(sparsity.make_plan(cfg, params), params, sparse)
+    return {"params": params, "opt_state": opt_state,
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)).astype(jnp.uint32),
             "nonfinite_total": jnp.zeros((), jnp.int32),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax.models.forward import apply_buffer_updates, forward_sums
+from sparsejax.sparsity import hooks as sparsity
 from sparsejax.train.optim import lr_schedule
 
 
@@ -43,7 +44,9 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
   z_coef = cfg.model.z_loss
   schedule = lr_schedule(cfg)
 
-  def objective(params, micro, total_count, rng):
+  def objective(params, micro, total_count, rng, sparse_state):
+    if sparse_state is not None:  # weight sparsity: the masked (N:M: SR-STE) weights
+      params = sparsity.forward_params(sparsity.make_plan(cfg, params), params, sparse_state)
     sums, aux, sown, updates = forward_sums(graphdef, params, micro, z_coef, rng)
     sown = {k: v for k, v in sown.items() if not k.rsplit("/", 1)[-1].startswith("usage")}
     loss = (sums["ce_sum"] + z_coef * sums["z_sum"]) / total_count + aux / accum
@@ -53,16 +56,18 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
 
   def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
     params = state["params"]
+    sparse_state = sparsity.find_state(state["opt_state"])
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     b = batch["inputs"].shape[0]
     total_count = jnp.asarray(b * batch["inputs"].shape[1], jnp.float32)
     if accum == 1:
-      (loss, (sums, aux, sown, updates)), grads = grad_fn(params, batch, total_count, step_rng)
+      (loss, (sums, aux, sown, updates)), grads = grad_fn(params, batch, total_count, step_rng,
+                                                       sparse_state)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, b // accum, *x.shape[1:]), batch)
 
       def run(i, mb):
-        return grad_fn(params, mb, total_count, jax.random.fold_in(step_rng, i))
+        return grad_fn(params, mb, total_count, jax.random.fold_in(step_rng, i), sparse_state)
 
       def body(carry, xs):
         i, mb = xs
@@ -98,6 +103,10 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
                **{f"sown/{k}": v for k, v in sown.items()},
                **_per_leaf(_rms, new_params, "param_rms/"),
                **_per_leaf(_rms, opt_updates, "update_rms/")}
+    new_sparse = sparsity.find_state(new_state["opt_state"])
+    if new_sparse is not None:
+      metrics.update(sparsity.metrics(sparsity.make_plan(cfg, params), new_sparse,
+                                      new_state["params"]))
     return new_state, metrics
 
   return train_step

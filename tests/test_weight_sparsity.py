@@ -1,0 +1,215 @@
+"""Weight sparsity in the train step (sparsejax/sparsity/transform.py), checked against the
+papers' definitions on a small dense model: GMP's cubic schedule reaches exactly round((1 -
+s_t) n) weights per layer at each update and pruned weights stay exactly 0 with zero Adam
+moments (Zhu & Gupta 2017; masks in the optimizer state, jaxpruner's design); s_f = 0 is the
+dense run bitwise; N:M holds in every forward (SR-STE, Zhou et al. 2021); RigL / SET keep each
+layer's count, start grown weights and their moments at 0, and stop at T_end (Evci et al.
+2020); the masks are the same on 8 devices (fsdp x tensor) as on one; N:M groups that would
+straddle a shard are refused. The pure mask algebra is in tests/test_sparsity_masks.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax.config import ConfigError
+from sparsejax.configure import load_config
+from sparsejax.layers import registry
+from sparsejax.parallel import mesh as mesh_lib, sharding as shd
+from sparsejax.sparsity import hooks as sp, masks as mk
+from sparsejax.train.optim import make_optimizer
+from sparsejax.train.state import init_state, model_spec
+from sparsejax.train.step import jit_train_step
+
+VOCAB = 257
+SMALL = {"model.d_model": 32, "data.seq_len": 32, "data.global_batch_size": 4,
+         "optim.warmup_steps": 2, "train.log_every_steps": 4}
+
+
+def _cfg(**over):
+  return load_config("configs/dense.py:tiny", **{**SMALL, "train.steps": 16, **over})
+
+
+def _batches(n, cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  b, t = cfg.data.global_batch_size, cfg.data.seq_len
+  for _ in range(n):
+    x = rng.integers(0, VOCAB, (b, t + 1), dtype=np.int32)
+    yield {"inputs": x[:, :-1], "targets": x[:, 1:]}
+
+
+class Trainer:
+  """The real jitted train step (state, shardings, optimizer) on ``devices``."""
+
+  def __init__(self, cfg, devices=None):
+    self.cfg = cfg
+    devices = devices or jax.devices()[:1]
+    self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    self.rules = registry.logical_rules(cfg.mesh)
+    self.spec = model_spec(cfg, VOCAB)
+    opt = make_optimizer(cfg)
+    self.state, sh = init_state(self.spec, self.mesh, opt)
+    self.batch_sh = shd.batch_sharding(self.mesh, self.rules)
+    with shd.activation_sharding(self.mesh, self.rules):
+      self.step_fn = jit_train_step(self.spec.graphdef, cfg, opt, sh, self.batch_sh)
+    self.plan = sp.make_plan(cfg, self.spec.abstract_params)
+
+  def step(self, batch):
+    with shd.activation_sharding(self.mesh, self.rules):
+      batch = shd.global_batch(batch, self.batch_sh, self.cfg.data.global_batch_size)
+      self.state, metrics = self.step_fn(self.state, batch)
+    return metrics
+
+  def masks(self):
+    return [np.asarray(m) for m in sp.leaves(self.state["opt_state"].masks, self.plan.targets)]
+
+  def weights(self):
+    return [np.asarray(w) for w in sp.leaves(self.state["params"], self.plan.targets)]
+
+  def moments(self):
+    """Every optimizer-state leaf mirroring a target (Adam mu / nu), per target."""
+    out = [[] for _ in self.plan.targets]
+    flat = jax.tree_util.tree_leaves_with_path(self.state["opt_state"].inner)
+    for i, t in enumerate(self.plan.targets):
+      key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in t.path))
+      out[i] = [np.asarray(x) for p, x in flat
+                if jax.tree_util.keystr(p).endswith(key) and x.shape == t.shape]
+    return out
+
+
+def test_gmp_counts_zeros_and_moments_follow_the_cubic_schedule():
+  s_f, steps = 0.75, 16
+  cfg = _cfg(**{"sparsity.method": "gmp", "sparsity.sparsity": s_f, "train.steps": steps,
+                "sparsity.start_fraction": 0.25, "sparsity.end_fraction": 0.75,
+                "sparsity.update_every": 2})
+  tr = Trainer(cfg)
+  t0, t1 = 4, 12
+  seen = set()
+  for t, batch in enumerate(_batches(steps, cfg)):
+    before = tr.masks()
+    tr.step(batch)
+    s_t = mk.gmp_sparsity(t, s_f, t0, t1, 2)
+    for target, m_old, m, w, moms in zip(tr.plan.targets, before, tr.masks(), tr.weights(),
+                                         tr.moments()):
+      n = target.size
+      if t0 <= t <= t1 and ((t - t0) % 2 == 0 or t == t1):   # an update step
+        assert m.sum() == round((1 - s_t) * n), (t, target.name)
+        seen.add(t)
+      else:
+        np.testing.assert_array_equal(m, m_old)
+      assert not np.any(m & ~m_old), "a pruned weight came back"
+      assert np.all(w[~m] == 0), (t, target.name)
+      assert len(moms) == 2 and all(np.all(x[~m] == 0) for x in moms)
+  assert seen == {4, 6, 8, 10, 12}
+  assert tr.masks()[0].mean() == pytest.approx(1 - s_f, abs=1e-3)
+
+
+def test_gmp_at_zero_sparsity_is_the_dense_run_bitwise():
+  dense = Trainer(_cfg(**{"train.steps": 6}))
+  sparse = Trainer(_cfg(**{"train.steps": 6, "sparsity.method": "gmp", "sparsity.sparsity": 0.0,
+                           "sparsity.start_fraction": 0.0, "sparsity.update_every": 1}))
+  for batch in _batches(6, dense.cfg):
+    dense.step(batch)
+    sparse.step(batch)
+  for a, b in zip(jax.tree.leaves(dense.state["params"]), jax.tree.leaves(sparse.state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("decay", ["backward", "after_clip"])
+def test_nm_holds_in_every_forward_and_dense_weights_train(decay):
+  cfg = _cfg(**{"sparsity.method": "nm", "sparsity.nm_decay": decay, "train.steps": 6})
+  tr = Trainer(cfg)
+  for batch in _batches(6, cfg):
+    w_before = tr.weights()
+    tr.step(batch)
+    for t, m, w in zip(tr.plan.targets, tr.masks(), w_before):
+      # the mask the forward used: 2 of every 4 along the contraction axis, the largest |w|
+      np.testing.assert_array_equal(m, np.asarray(mk.nm_mask(jnp.asarray(w), 2, 4, t.axis)))
+      groups = np.moveaxis(m, t.axis, -1).reshape(-1, 4).sum(-1)
+      assert np.all(groups == 2)
+  # the stored weights stay dense (STE); the eval / export weights are N:M
+  assert all(np.count_nonzero(w) == w.size for w in tr.weights())
+  eff = sp.inference_params(cfg, tr.state["params"], tr.state["opt_state"], step=6)
+  for t in tr.plan.targets:
+    w = np.asarray(sp.leaves(eff, [t])[0])
+    assert np.all(np.moveaxis(w != 0, t.axis, -1).reshape(-1, 4).sum(-1) <= 2)
+
+
+def test_nm_srste_gradient_adds_lambda_times_pruned_weights():
+  """Through the forward hook: dL/dW = dL/dW~ (at the masked weights) + lambda (1 - M) W."""
+  lam = 0.25
+  cfg = _cfg(**{"sparsity.method": "nm", "sparsity.nm_lambda": lam})
+  spec = model_spec(cfg, VOCAB)
+  opt = make_optimizer(cfg)
+  params = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(1).standard_normal(x.shape),
+                                              x.dtype) * 0.1, spec.abstract_params)
+  state = opt.init(params)
+  plan = sp.make_plan(cfg, params)
+  c = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(2).standard_normal(x.shape),
+                                         x.dtype), params)
+  loss = lambda p: sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(c)))
+  g = jax.grad(lambda p: loss(sp.forward_params(plan, p, state)))(params)
+  for t in plan.targets:
+    w, cw, gw = (np.asarray(sp.leaves(x, [t])[0]) for x in (params, c, g))
+    m = np.asarray(mk.nm_mask(jnp.asarray(w), 2, 4, t.axis))
+    np.testing.assert_array_equal(gw, cw + np.float32(lam) * (~m) * w)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_dst_keeps_counts_grows_from_zero_and_stops_at_t_end(method):
+  steps = 12
+  cfg = _cfg(**{"sparsity.method": method, "sparsity.sparsity": 0.5, "train.steps": steps,
+                "sparsity.update_every": 2, "sparsity.end_fraction": 0.75,
+                "sparsity.drop_fraction": 0.5})
+  tr = Trainer(cfg)
+  changed = set()
+  for t, batch in enumerate(_batches(steps, cfg)):
+    before = tr.masks()
+    tr.step(batch)
+    for target, m_old, m, w, moms in zip(tr.plan.targets, before, tr.masks(), tr.weights(),
+                                         tr.moments()):
+      assert m.sum() == m_old.sum() == round(0.5 * target.size), (t, target.name)
+      grown = m & ~m_old
+      if grown.any():
+        changed.add(t)
+        assert np.all(w[grown] == 0) and all(np.all(x[grown] == 0) for x in moms)
+      assert np.all(w[~m] == 0)
+      if t >= 9 or t % 2 or t == 0:   # T_end = 9: nothing changes after it, nor off-grid
+        np.testing.assert_array_equal(m, m_old)
+  assert changed == {2, 4, 6, 8}
+
+
+def test_masks_on_8_devices_equal_one_device():
+  over = {"sparsity.method": "rigl", "sparsity.sparsity": 0.5, "train.steps": 6,
+          "sparsity.update_every": 2, "sparsity.end_fraction": 1.0}
+  one = Trainer(_cfg(**over))
+  many = Trainer(_cfg(**over, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}),
+                 devices=jax.devices()[:8])
+  for batch in _batches(6, one.cfg):
+    one.step(batch)
+    many.step(batch)
+  for a, b in zip(one.masks(), many.masks()):
+    np.testing.assert_array_equal(a, b)
+  # masks live in the optimizer state sharded exactly like their parameters
+  masks = sp.leaves(many.state["opt_state"].masks, many.plan.targets)
+  params = sp.leaves(many.state["params"], many.plan.targets)
+  assert any(len(m.sharding.device_set) > 1 for m in masks)
+  for m, p in zip(masks, params):
+    assert m.sharding == p.sharding
+
+
+def test_nm_group_straddling_a_shard_is_refused():
+  cfg = _cfg(**{"sparsity.method": "nm", "sparsity.m": 64, "sparsity.n": 32,
+                "sparsity.targets": ("ffn",), "model.d_model": 64, "mesh.data": 1,
+                "mesh.tensor": 2})
+  with pytest.raises(ConfigError, match=r"w_down_FxD axis 0 .* straddle"):
+    Trainer(cfg, devices=jax.devices()[:2])
+
+
+def test_bad_sparsity_configs_fail_with_one_line():
+  with pytest.raises(ConfigError, match="config.sparsity.m"):
+    Trainer(_cfg(**{"sparsity.method": "nm", "sparsity.m": 5, "sparsity.n": 2}))
+  with pytest.raises(ConfigError, match="config.sparsity.targets"):
+    Trainer(_cfg(**{"sparsity.method": "gmp", "sparsity.targets": ("moe",)}))
+  with pytest.raises(ConfigError, match="config.sparsity.block"):
+    Trainer(_cfg(**{"sparsity.method": "gmp", "sparsity.block": "3x7"}))
