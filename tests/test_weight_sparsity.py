@@ -213,3 +213,29 @@ def test_bad_sparsity_configs_fail_with_one_line():
     Trainer(_cfg(**{"sparsity.method": "gmp", "sparsity.targets": ("moe",)}))
   with pytest.raises(ConfigError, match="config.sparsity.block"):
     Trainer(_cfg(**{"sparsity.method": "gmp", "sparsity.block": "3x7"}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, over", [
+    ("moe", {"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 2, "mesh.tensor": 2}),
+    ("peer", {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+    ("memory", {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})])
+def test_every_family_prunes_its_projections_on_a_mesh(family, over):
+  """The family's prunable leaves (MoE experts and shared experts, PEER / memory query and
+  Memory+ projections) are pruned on 8 devices exactly as on one."""
+  common = {**SMALL, "train.steps": 4, "sparsity.method": "gmp", "sparsity.sparsity": 0.5,
+            "sparsity.start_fraction": 0.0, "sparsity.end_fraction": 0.0,
+            "sparsity.targets": (family,)}
+  one = Trainer(load_config(f"configs/{family}.py:tiny", **common))
+  many = Trainer(load_config(f"configs/{family}.py:tiny", **common, **over),
+                 devices=jax.devices()[:8])
+  names = {t.name.rsplit("/", 1)[-1] for t in one.plan.targets}
+  expected = {"moe": {"w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD"},
+              "peer": {"w_query_DxHxK"}, "memory": {"w_query_DxHxK", "w_in_DxD", "w_out_DxD"}}
+  assert expected[family] <= names and all(t.family.endswith(family) for t in one.plan.targets)
+  for batch in _batches(4, one.cfg):
+    one.step(batch)
+    many.step(batch)
+  for t, a, b, w in zip(one.plan.targets, one.masks(), many.masks(), many.weights()):
+    np.testing.assert_array_equal(a, b)
+    assert a.sum() == round(0.5 * t.size) and np.all(w[~b] == 0)

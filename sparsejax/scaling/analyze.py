@@ -3,7 +3,8 @@ report.
 
   python -m sparsejax.scaling.analyze --root runs/isoflop_tiny [--out DIR] [--bootstrap 100]
       [--huber-delta 1e-3] [--loss eval_loss|eval_loss_smoothed]
-      [--sparse auto|none|frantar|granularity] [--n total|non_embedding | --n-field FIELD]
+      [--sparse auto|none|frantar|granularity|avg_params]
+      [--n total|non_embedding | --n-field FIELD]
       [--budget-tol 0.3] [--no-plots]
 
 Reads every ``ROOT/*/record.json`` (sparsejax.scaling.records.load_records) and writes to OUT
@@ -23,9 +24,12 @@ Per family (the record's ``family``, i.e. the config name; sparsejax.scaling.fam
   * Compute-optimal N, D (and loss) at the family's budgets and at 10x / 100x the largest.
   * Warnings (report and headline) where a fit looks degenerate: alpha or beta outside (0, 2],
     E ~ 0, approach-2 slope outside (0, 1), or a line through only 2 budgets.
-Sparse laws (sparsejax.scaling.sparse_fits over sparsejax.scaling.sparse_laws) are fitted where
-their axis varies (``auto``): the Frantar et al. form over S per family and pooled over all
-families (weight-sparse runs only), the fine-grained MoE form over G per family.
+Sparse laws (sparsejax.scaling.sparse_fits over sparsejax.scaling.sparse_laws / avg_params) are
+fitted where their axis varies (``auto``): the Frantar et al. form over S with the non-zero N per
+family and pooled over the families whose runs record weight_sparsity (runs without it are never
+an input), the average-parameter law ``L = E + A/N̄^alpha + B/D^beta`` (approach 3 with N̄,
+same scopes, whenever some run has weight_sparsity > 0; compared with the Frantar fit on the same
+points: Huber objective and RMSE of log L per point), the fine-grained MoE form over G per family.
 
 Conventions (also written into the report and fits.json):
   N  ``--n total`` (the default): ``params_active_total``, the matmul weights one token passes
@@ -41,8 +45,12 @@ Conventions (also written into the report and fits.json):
   F  the records' ``total_flops`` (6 x active params with the padded head + causal attention,
      per token, x D; sparsejax.models.accounting): groups runs into isoFLOP budgets and is the
      compute axis of approach 2. Budgets are labelled by it.
-  S  the record's ``weight_sparsity`` (fraction of pruned weights), for the Frantar law only;
-     runs without it (MoE, PEER, memory and dense runs of today's families) are no input.
+  S  the record's ``weight_sparsity`` (fraction of pruned weights), weight-sparse laws only;
+     runs without it (MoE, PEER, memory and ordinary dense runs) are no input. Weight-sparse
+     runs' N for the Frantar law: N_nonzero = N - params_pruned_final (the non-zero count at the
+     end); for the average-parameter law: N̄ = N - params_pruned_mean (averaged over the steps);
+     both with the N flavour above (the pruned counts are per-token shares, never in the head).
+     Approaches 2 and 3 per family keep the dense N.
   G  the record's ``granularity`` (the resolved Config's ``config.moe.granularity``, a base
      config's own value included) for runs with MoE layers, none otherwise; records written
      before that key fall back to ``overrides["moe.granularity"]`` (1 without one), noted in
@@ -52,7 +60,8 @@ Fits run with one OpenBLAS thread (sparse_laws.single_threaded_blas): L-BFGS-B o
 parameters is dominated by thread synchronisation otherwise.
 
 Exit status: 0 report written; 1 report written but no family could be fitted; 2 bad arguments,
-no usable record, or ``--sparse frantar`` without weight-sparse runs (one-line error).
+no usable record, or ``--sparse frantar`` / ``--sparse avg_params`` without weight-sparse runs
+(one-line error).
 """
 
 from __future__ import annotations
@@ -68,8 +77,10 @@ import numpy as np
 from tqdm import tqdm
 
 from sparsejax.scaling import report, sparse_laws
+from sparsejax.scaling.avg_params import MISSING_PRUNED, nonzero_counts
 from sparsejax.scaling.family_fits import FitError, fit_family
-from sparsejax.scaling.sparse_fits import (FRANTAR_NEEDS_WEIGHT_SPARSITY, SPARSE_MODES,
+from sparsejax.scaling.sparse_fits import (AVG_PARAMS_NEEDS_WEIGHT_SPARSITY,
+                                           FRANTAR_NEEDS_WEIGHT_SPARSITY, SPARSE_MODES,
                                            fit_sparse, has_weight_sparsity)
 from sparsejax.scaling.records import RECORD, load_records
 
@@ -149,10 +160,16 @@ def to_row(rec: dict, path: str, loss: str, n_field: str) -> dict:
     raise ValueError(_missing_n_reason(rec, n_field))
   N, D = _positive(rec, n_field), _positive(rec, "tokens")
   G, g_source = _granularity(rec)
+  S = _weight_sparsity(rec)
+  n_nonzero, n_avg, pruned_source = nonzero_counts(rec, N, S)
   row = {"name": str(rec.get("name", pathlib.Path(path).parent.name)), "family": family,
          "file": path, "N": N, "D": D, "C": 6.0 * N * D,
          "total_flops": _positive(rec, "total_flops"), "L": _positive(rec, loss),
-         "G": G, "G_source": g_source, "S": _weight_sparsity(rec), "wall_s": None}
+         "G": G, "G_source": g_source, "S": S, "N_nonzero": n_nonzero, "N_avg": n_avg,
+         "pruned_source": pruned_source, "method": rec.get("sparsity_method"),
+         "total_flops_sparse": (_positive(rec, "total_flops_sparse")
+                                if rec.get("total_flops_sparse") is not None else None),
+         "wall_s": None}
   w = rec.get("wall_s")
   if isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w):
     row["wall_s"] = float(w)
@@ -197,6 +214,17 @@ def _notes(rows: list[dict], problems: list[dict], n_field: str) -> list[str]:
                  "their G is overrides['moe.granularity'], 1 without one, so a base config's own "
                  "granularity is not seen: " + ", ".join(old_g[:5]) +
                  (", ..." if len(old_g) > 5 else ""))
+  old_s = [r["name"] for r in rows if r["pruned_source"] == MISSING_PRUNED]
+  if old_s:
+    notes.append(f"{len(old_s)} weight-sparse record(s) lack params_pruned_final / "
+                 "params_pruned_mean (written before they were recorded): their N is taken as "
+                 "the non-zero count for both sparse laws: " + ", ".join(old_s[:5]) +
+                 (", ..." if len(old_s) > 5 else ""))
+  mixed = sorted({r["family"] for r in rows if r["S"]})
+  if mixed:
+    notes.append("famil" + ("ies " if len(mixed) > 1 else "y ") + ", ".join(mixed) + " hold "
+                 "weight-sparse runs: approaches 2 and 3 fit them with the dense N, across "
+                 "sparsity levels; the sparse laws below use the non-zero / average N")
   return notes
 
 
@@ -213,9 +241,13 @@ def conventions(n_field: str, loss: str, *, bootstrap: int, huber_delta: float, 
                "compute axis",
           "budget": BUDGET,
           "L": f"L = {loss}", "loss_field": loss,
-          "S": "S = the record's weight_sparsity (fraction of pruned weights), Frantar law only; "
-               "runs without it are no Frantar input (MoE / PEER / memory conditional "
-               "computation is not weight sparsity)",
+          "S": "S = the record's weight_sparsity (final fraction of pruned weights among the "
+               "targeted weights), weight-sparse laws only; runs without it are no input to them "
+               "(MoE / PEER / memory conditional computation is not weight sparsity)",
+          "N_sparse": "Weight-sparse runs: the Frantar law's N is N_nonzero = N - "
+                      "params_pruned_final (non-zero at the end), the average-parameter law's N̄ "
+                      "= N - params_pruned_mean (averaged over the training steps); pruned counts "
+                      "are per-token shares (MoE experts k/E) and never in the head",
           "G": "G = the record's granularity (the resolved config.moe.granularity) for runs "
                "with MoE layers, none otherwise; older records: overrides['moe.granularity'] "
                "(default 1)",
@@ -229,7 +261,8 @@ def analyze(root, *, progress: bool = False, loss: str = "eval_loss",
             huber_delta: float = 1e-3, bootstrap: int = 100, seed: int = 0,
             budget_tol: float = 0.3, sparse: str = "auto") -> dict:
   """Everything the report shows, as one JSON-able dict (NaN kept; ``to_json`` maps it to null).
-  Raises FitError when nothing is usable, or for ``sparse="frantar"`` without weight-sparse runs.
+  Raises FitError when nothing is usable, or for ``sparse="frantar"`` / ``"avg_params"`` without
+  weight-sparse runs.
   """
   if loss not in LOSS_FIELDS:
     raise FitError(f"--loss {loss!r}: expected one of {LOSS_FIELDS}")
@@ -247,6 +280,8 @@ def analyze(root, *, progress: bool = False, loss: str = "eval_loss",
                    f"{problems[0]['name']}: {problems[0]['reason']})", problems)
   if sparse == "frantar" and not has_weight_sparsity(rows):
     raise FitError(FRANTAR_NEEDS_WEIGHT_SPARSITY, problems)
+  if sparse == "avg_params" and not has_weight_sparsity(rows):
+    raise FitError(AVG_PARAMS_NEEDS_WEIGHT_SPARSITY, problems)
   by_family: dict[str, list[dict]] = {}
   for r in rows:
     by_family.setdefault(r["family"], []).append(r)

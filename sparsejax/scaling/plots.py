@@ -10,6 +10,8 @@ stays importable without it. File names are fixed; one colour per family (sorted
   optimal_allocation.png   N_opt and D_opt against compute: approach 3 against C = 6ND,
                            approach 2 (minima and line) against F
   residuals.png            approach-3 prediction against observation, and relative residuals
+  sparse_laws.png          where both weight-sparse laws were fitted: each scope's observed loss
+                           against the Frantar and the average-parameter prediction
 """
 
 from __future__ import annotations
@@ -178,6 +180,31 @@ def residuals(data: dict, out: pathlib.Path) -> str | None:
   return _save(fig, out, "residuals.png")
 
 
+def sparse_laws(data: dict, out: pathlib.Path) -> str | None:
+  comparison = ((data.get("sparse_laws") or {}).get("avg_params") or {}).get("comparison") or []
+  if not comparison:
+    return None
+  fig = Figure(figsize=(5 * len(comparison), 4.5))
+  axes = np.atleast_1d(fig.subplots(1, len(comparison)))
+  for ax, cmp_ in zip(axes, comparison):
+    pts = cmp_["points"]
+    obs = [p["L"] for p in pts]
+    for law, marker, label in (("frantar", "o", "Frantar (N non-zero, S)"),
+                               ("avg_params", "s", "average-parameter (N̄)")):
+      rmse = cmp_["laws"][law]["rmse_log_l"]
+      ax.scatter([p[law] for p in pts], obs, s=18, marker=marker, alpha=0.7,
+                 label=f"{label}: RMSE log L {rmse:.3g}")
+    lo = min(min(obs), *(p[k] for p in pts for k in ("frantar", "avg_params")))
+    hi = max(max(obs), *(p[k] for p in pts for k in ("frantar", "avg_params")))
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    ax.set(xlabel="predicted loss", ylabel="observed loss", title=f"{cmp_['scope']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle("Weight-sparse laws: predicted vs observed (same points)", fontsize=10)
+  fig.tight_layout()
+  return _save(fig, out, "sparse_laws.png")
+
+
 def write_all(data: dict, out) -> list[tuple[str, str]]:
   """Write every plot into ``out``; returns (title, file name) pairs in report order."""
   out = pathlib.Path(out)
@@ -189,4 +216,7 @@ def write_all(data: dict, out) -> list[tuple[str, str]]:
   name = residuals(data, out)
   if name:
     images.append(("Approach-3 residuals", name))
+  name = sparse_laws(data, out)
+  if name:
+    images.append(("Weight-sparse laws", name))
   return images

@@ -17,13 +17,30 @@ Record keys (written by sparsejax.sweep.runner; ``load_records`` reads them all)
   (analytic, sparsejax.models.accounting), xla_flops_per_step, xla_flops_devices, xla_flops_total
   (= per step x devices x steps), xla_flops_convention (XLA_FLOPS_CONVENTION), eval_loss
   (final), eval_loss_smoothed, eval_loss_smoothed_steps, eval_loss_smoothing (see
-  ``smoothed_eval_loss``), eval_bits_per_byte, wall_s. ``weight_sparsity`` (fraction of pruned
-  weights, in [0, 1)) is reserved for weight-sparse runs: the Frantar et al. law is fitted on
-  those only; MoE / memory / PEER runs must not write it.
+  ``smoothed_eval_loss``), eval_bits_per_byte, wall_s.
+
+Weight sparsity (issue 13; ``SPARSITY_KEYS``, absent from older records):
+  sparsity_method  config.sparsity.method ("none" for ordinary runs; a sparsity sweep's dense
+                   baseline is "gmp" at sparsity 0);
+  weight_sparsity  the final fraction of pruned weights among the TARGETED weights, in [0, 1),
+                   written only when sparsity_method != "none" (0.0 for that dense baseline). It
+                   marks a weight-sparse run: the Frantar et al. and average-parameter laws are
+                   fitted on those only (MoE / memory / PEER conditional computation is not
+                   weight sparsity; such runs never write it);
+  params_pruned_final, params_pruned_mean
+                   pruned weights at the end / averaged over all training steps, each weighted by
+                   the share of it one token uses (MoE experts k/E): ``params_active_total -
+                   params_pruned_final`` is the non-zero N (Frantar's N) and ``params_active_total
+                   - params_pruned_mean`` the average N̄ ("The Journey Matters", 2024); the same
+                   subtraction holds for params_active_non_embedding (pruned weights are never in
+                   the head). 0 or absent for ordinary runs;
+  flops_per_token_sparse, total_flops_sparse
+                   training FLOPs per token counting only the non-zero weights (at the end), and
+                   that x tokens; flops_per_token / total_flops stay dense-equivalent.
 
 Only ``_RECORD_KEYS`` are required: records written before a key existed still load (``NEW_KEYS``
-says since when; the fit CLI notes which records lack them). Where present, ``NUMBER_KEYS`` must
-be numbers or null.
+and ``SPARSITY_KEYS`` say since when; the fit CLI notes which records lack them). Where present,
+``NUMBER_KEYS`` must be numbers or null, ``STRING_KEYS`` strings or null.
 """
 
 from __future__ import annotations
@@ -46,9 +63,14 @@ _RECORD_KEYS = ("name", "config_hash", "family", "base", "overrides", "status")
 # Config); older records lack them.
 NEW_KEYS = ("params_active_total", "params_active_non_embedding", "vocab_size", "vocab_rows",
             "granularity", "num_experts", "top_k")
+# Keys added with issue 13 (weight sparsity); older records lack them.
+SPARSITY_KEYS = ("sparsity_method", "weight_sparsity", "params_pruned_final", "params_pruned_mean",
+                 "flops_per_token_sparse", "total_flops_sparse")
 NUMBER_KEYS = ("params_total", "params_active_per_token", "params_active_total",
                "params_active_non_embedding", "granularity", "num_experts", "top_k",
-               "weight_sparsity")
+               "weight_sparsity", "params_pruned_final", "params_pruned_mean",
+               "flops_per_token_sparse", "total_flops_sparse")
+STRING_KEYS = ("sparsity_method",)
 
 
 def read_record(path: pathlib.Path) -> dict:
@@ -66,6 +88,10 @@ def read_record(path: pathlib.Path) -> dict:
     v = rec.get(k)
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
       raise ValueError(f"{k} is {v!r}, not a number or null")
+  for k in STRING_KEYS:
+    v = rec.get(k)
+    if v is not None and not isinstance(v, str):
+      raise ValueError(f"{k} is {v!r}, not a string or null")
   return rec
 
 

@@ -3,8 +3,9 @@ to fits.json).
 
 ``headline(data)`` is the per-family table of fitted parameters with its conventions line,
 printable on its own; ``render`` ties it to the N choice and the definitions of N, D, C, F, G,
-S and L (with notes on old records), the sweep summary, compute-optimal predictions, the
-approach-2 budgets (labelled by the total FLOPs that grouped them), the sparse laws, the plots
+S, the weight-sparse N and L (with notes on old records), the sweep summary, compute-optimal
+predictions, the approach-2 budgets (labelled by the total FLOPs that grouped them), the sparse
+laws (Frantar, average-parameter, granularity, and which weight-sparse law fits better), the plots
 (relative links) and the records left out. Numbers are rounded here (3 significant digits);
 fits.json keeps full precision.
 """
@@ -151,9 +152,12 @@ def _sparse(data: dict) -> list[str]:
   if not laws:
     return ["Not requested (--sparse none)."]
   c = data["conventions"]
-  out = [f"{c['S']}. {c['G']}. N, D and L as above.", ""]
+  out = [". ".join(c[k] for k in ("S", "N_sparse", "G") if k in c) + ". N, D and L as above.",
+         ""]
   for form, law in laws.items():
-    out.append(f"**{law['title']}**: `{law['formula']}`")
+    n = {"N_nonzero": " (N = non-zero parameters at the end)",
+         "N_avg": " (N̄ = non-zero parameters averaged over training)"}.get(law.get("N"), "")
+    out.append(f"**{law['title']}**: `{law['formula']}`{n}")
     if law["fits"]:
       names = list(law["fits"][0]["params"])
       rows = [[f["scope"], f["n_points"], ", ".join(_g(v, 4) for v in f["levels"]),
@@ -163,15 +167,34 @@ def _sparse(data: dict) -> list[str]:
     for s in law["skipped"]:
       out.append(f"- not fitted for {s['scope']}: {s['reason']}")
     out.append("")
+    out += _comparison(law.get("comparison"))
   return out
+
+
+def _comparison(comparison) -> list[str]:
+  """Frantar vs average-parameter law on each scope's points (avg_params.compare)."""
+  if not comparison:
+    return []
+  rows = []
+  for cmp_ in comparison:
+    f, a = cmp_["laws"]["frantar"], cmp_["laws"]["avg_params"]
+    rows.append([cmp_["scope"], cmp_["n_points"], _g(f["huber_per_point"]),
+                 _g(a["huber_per_point"]), _g(f["rmse_log_l"]), _g(a["rmse_log_l"]),
+                 {"frantar": "Frantar", "avg_params": "average-parameter"}.get(
+                     cmp_["better"], "–")])
+  return (["**Which weight-sparse law fits better** (same points; Huber objective per point and "
+           "RMSE of log L, lower is better; Frantar has 7 parameters, the average-parameter law "
+           "5):", ""] +
+          _table(["scope", "runs", "Huber/pt Frantar", "Huber/pt avg-params",
+                  "RMSE log L Frantar", "RMSE log L avg-params", "better (Huber)"], rows) + [""])
 
 
 def _definitions(data: dict) -> list[str]:
   c = data["conventions"]
-  out = [f"- {c[k]}" for k in ("N", "D", "C", "F", "G", "S", "L")]
+  out = [f"- {c[k]}" for k in ("N", "D", "C", "F", "G", "S", "N_sparse", "L") if k in c]
   notes = data.get("notes") or []
   if notes:
-    out += ["", "Notes on old records:", ""] + [f"- {n}" for n in notes]
+    out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
   return out
 
 
