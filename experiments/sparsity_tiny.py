@@ -12,6 +12,19 @@ records weight_sparsity 0 so the Frantar law sees it), GMP to 0.5 / 0.75 / 0.875
 [0.25 T, 0.75 T], every 10 steps, uniform over the targets) and 2:4 (SR-STE, lambda 2e-4, from
 step 0). Targets: every attention and FFN projection (embeddings / head stay dense). Widths
 d_model 32 / 48 / 64 (4 heads, 2 KV heads); lengths 300 / 900 steps of 16 x 256 tokens.
+
+Run 2026-12-07 on the 2-core machine shared with other jobs: 30 runs, 2,582 s of run wall time
+in all (under 25 min at --parallel 2; the longest run 129 s); report and fits ~1 min. Report in
+experiments/results/sparsity_tiny/. One seed per configuration. At this scale:
+  * at equal dense-equivalent training FLOPs (what the CPU / GPU actually executes today, masks
+    being applied to dense matmuls) the dense model is best at 4 of 5 budgets, by 0.011-0.050
+    nats; 2:4 wins one budget (d48, 300 steps) by 0.011;
+  * at equal sparse FLOPs (only non-zero weights counted: what a sparse kernel could reach)
+    GMP 0.75 / 0.875 are best at 6 of 7 budgets, by 0.002-0.069 nats; 2:4 (S=0.5) is better than
+    GMP 0.5 at 4 of 6 sizes/lengths;
+  * Frantar et al.'s law fits the 30 points better than the average-parameter law (RMSE in log L
+    0.0126 vs 0.0162), but with only two training lengths both fits leave B / beta unidentified
+    (beta ~1.7, huge B): the D term needs more lengths before its exponents mean anything.
 """
 
 from sparsejax.sweep import Run
