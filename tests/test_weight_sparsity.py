@@ -225,7 +225,8 @@ def test_mask_updates_on_8_devices_equal_one_device(method):
     state = jax.jit(opt.init, out_shardings=sh["opt_state"])(params)
     state = state._replace(count=jnp.asarray(2, jnp.int32))   # an update step of every method
     p, g = jax.device_put((params, grads), (sh["params"], sh["params"]))
-    new = jax.jit(lambda g, s, p: opt.update(g, s, p)[1], out_shardings=sh["opt_state"])(g, state, p)
+    new = jax.jit(lambda g, s, p: opt.update(g, s, p)[1],
+                  out_shardings=sh["opt_state"])(g, state, p)
     plan = sp.make_plan(cfg, params)
     masks = sp.leaves(new.masks, plan.targets)
     for m, ps in zip(masks, sp.leaves(sh["params"], plan.targets)):

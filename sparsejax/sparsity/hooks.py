@@ -52,8 +52,8 @@ def effective_params(plan: Plan, params, step: int | None = None) -> dict:
     return params
   s = plan.cfg.sparsity
   ws = leaves(params, plan.targets)
-  return replace_targets(params, plan.targets, [w * mk.nm_mask(w, s.n, s.m, t.axis).astype(w.dtype)
-                                         for t, w in zip(plan.targets, ws)])
+  return replace_targets(params, plan.targets, [
+      w * mk.nm_mask(w, s.n, s.m, t.axis).astype(w.dtype) for t, w in zip(plan.targets, ws)])
 
 
 def masked_params(plan: Plan, params, state: SparsityState) -> dict:
@@ -62,7 +62,7 @@ def masked_params(plan: Plan, params, state: SparsityState) -> dict:
     return params
   ws, ms = leaves(params, plan.targets), leaves(state.masks, plan.targets)
   return replace_targets(params, plan.targets, [jnp.where(m, w, jnp.zeros_like(w))
-                                         for w, m in zip(ws, ms)])
+                                                for w, m in zip(ws, ms)])
 
 
 def metrics(plan: Plan, state: SparsityState, params) -> dict[str, jax.Array]:

@@ -277,7 +277,7 @@ def sparsify(inner: optax.GradientTransformation, cfg: Config) -> optax.Gradient
       keep = [o & n for o, n in zip(old, new)]
       us = leaves(updates, tg)
       updates = replace_targets(updates, tg, [jnp.where(k, u, -w.astype(u.dtype))
-                                       for k, u, w in zip(keep, us, ws)])
+                                              for k, u, w in zip(keep, us, ws)])
       inner_state = _mask_mirrors(inner_state, plan, keep)
     pruned = [jnp.asarray(t.size, jnp.float32) - jnp.sum(m, dtype=jnp.float32)
               for t, m in zip(tg, forward)]
