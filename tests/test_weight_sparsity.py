@@ -204,12 +204,16 @@ def test_dst_keeps_counts_grows_from_zero_and_stops_at_t_end(method):
   assert changed == {2, 4, 6}
 
 
-@pytest.mark.parametrize("method", ["nm", "gmp", "rigl", "set", "momentum"])
-def test_mask_updates_on_8_devices_equal_one_device(method):
+@pytest.mark.parametrize("method, extra", [
+    ("nm", {}), ("gmp", {}), ("gmp", {"sparsity.block": "4x4"}), ("rigl", {}), ("set", {}),
+    ("momentum", {}), ("oneshot", {"sparsity.start_fraction": 0.125}), ("random", {})])
+def test_mask_updates_on_8_devices_equal_one_device(method, extra):
   """The wrapper's update on the same params and gradients, sharded fsdp 4 x tensor 2 as the
-  train state is, gives the 1-device masks; the masks' shardings are their parameters'."""
+  train state is, gives the 1-device masks; the masks' shardings are their parameters'. Also:
+  one-shot prunes to the final count at its step (2 of 16), a random mask keeps its count,
+  4x4 blocks are whole."""
   over = {"sparsity.method": method, "sparsity.sparsity": 0.5, "sparsity.update_every": 1,
-          "sparsity.start_fraction": 0.0}
+          "sparsity.start_fraction": 0.0, **extra}
   cfg1 = _cfg(**over)
   cfg8 = _cfg(**over, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
   spec = model_spec(cfg1, VOCAB)
@@ -235,6 +239,13 @@ def test_mask_updates_on_8_devices_equal_one_device(method):
   assert any(not a.all() for a in out[0])
   for a, b in zip(*out):
     np.testing.assert_array_equal(a, b)
+  if method in ("oneshot", "random"):
+    assert all(a.sum() == a.size // 2 for a in out[0])
+  if "sparsity.block" in extra:
+    for t, a in zip(plan.targets, out[0]):
+      blocks = np.asarray(mk.reduce_blocks(jnp.asarray(a), (4, 4), t.axis))
+      np.testing.assert_array_equal(np.asarray(mk.expand_blocks(blocks, (4, 4), t.axis,
+                                                                t.shape)), a)
 
 
 def test_nm_group_straddling_a_shard_is_refused():
@@ -243,6 +254,24 @@ def test_nm_group_straddling_a_shard_is_refused():
                 "mesh.tensor": 2})
   with pytest.raises(ConfigError, match=r"w_down_FxD axis 0 .* straddle"):
     Trainer(cfg, devices=jax.devices()[:2])
+
+
+def test_nm_dense_phase_trains_and_evaluates_dense():
+  cfg = _cfg(**{"sparsity.method": "nm", "sparsity.dense_fraction": 0.25})   # steps 12.. dense
+  params = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(4).standard_normal(x.shape),
+                                              x.dtype), model_spec(cfg, VOCAB).abstract_params)
+  opt = make_optimizer(cfg)
+  state = opt.init(params)
+  plan = sp.make_plan(cfg, params)
+  assert plan.dense_start == 12
+  sparse = sp.forward_params(plan, params, state._replace(count=jnp.asarray(11)))
+  dense = sp.forward_params(plan, params, state._replace(count=jnp.asarray(12)))
+  w, ws, wd = (np.asarray(sp.leaves(x, plan.targets)[0]) for x in (params, sparse, dense))
+  assert np.count_nonzero(ws) == w.size // 2
+  np.testing.assert_array_equal(wd, w)
+  for step, nonzero in ((11, w.size // 2), (16, w.size)):
+    eff = sp.inference_params(cfg, params, state, step=step)
+    assert np.count_nonzero(np.asarray(sp.leaves(eff, plan.targets)[0])) == nonzero
 
 
 def test_bad_sparsity_configs_fail_with_one_line():
