@@ -168,10 +168,9 @@ def resume_changes(saved: Mapping, cfg: Config, sections: tuple[str, ...]
     section = getattr(cfg, name)
     for f in dataclasses.fields(section):
       new = now[name][f.name]
-      old_section = saved.get(name)
-      if old_section is None or f.name not in old_section:
-        continue  # a field added since the checkpoint was written: its default applies
-      old = _canonical(old_section[f.name])
+      old_section = saved.get(name) or {}
+      # a field (or section) added since the checkpoint was written: its default applied there
+      old = _canonical(old_section[f.name] if f.name in old_section else f.default)
       if old == _canonical(new):
         continue
       line = f"config.{name}.{f.name}: {old!r} in the checkpoint, {_canonical(new)!r} now"
