@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/lint-imports --no-cache
-	$(PYBIN) -m pytest -q -n 2 --durations=15 tests
+	$(PYBIN) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

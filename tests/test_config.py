@@ -22,7 +22,8 @@ CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
 # preset, plus its own ``PRESETS`` list if the module defines one.
 PRESETS = {"dense": ["tiny", "small", "125m", "350m", "760m", "1.3b"]}
 BPE_VOCAB = 32768
-SUBPROCESS_ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+SUBPROCESS_ENV = {**os.environ, "XLA_FLAGS": os.environ["SPARSEJAX_TEST_XLA_FLAGS"],
+                  "JAX_PLATFORMS": "cpu"}
 
 
 def _module(path: pathlib.Path):

@@ -109,7 +109,9 @@ def test_conflicting_rules_are_refused():
 # ---- resume guard ----
 
 def _tiny_moe_run(workdir, **over):
+  # one block: the guard compares config fields; a second block would only add compile time
   cfg = load_config("configs/moe.py:tiny", **{
+      "model.num_layers": 1,
       "train.steps": 2, "train.checkpoint_every_steps": 2, "train.eval_every_steps": 0,
       "train.eval_batches": 1, "train.async_checkpoint": False, "optim.warmup_steps": 1, **over})
   return looplib.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1]), cfg

@@ -22,18 +22,25 @@ from sparsejax.models.forward import forward_sums
 VOCAB = 257
 SMALL_PK = {"num_heads": 2, "top_k": 4, "d_key": 16}
 
+# One block each, its FFN the family's layer: the kernels appear once in the forward and once in
+# the backward program (a second block only added another copy of them to compile in interpret
+# mode).
+ONE_BLOCK = {"model.num_layers": 1}
 FAMILIES = {
-    # memory layer in block 1 (Memory+, shared value pool), 16^2 slots
+    # a memory layer (Memory+, shared value pool), 16^2 slots
     "memory": ("configs/memory.py:tiny",
-               {"memory.num_slots": 16 ** 2, **{f"memory.{k}": v for k, v in SMALL_PK.items()}}),
-    # PEER in both blocks, relu gates in one variant below
+               {**ONE_BLOCK, "ffn.overrides": ("0:memory",), "memory.num_slots": 16 ** 2,
+                **{f"memory.{k}": v for k, v in SMALL_PK.items()}}),
+    # PEER, relu gates in one variant below
     "peer": ("configs/peer.py:tiny",
-             {"peer.num_experts": 16 ** 2, **{f"peer.{k}": v for k, v in SMALL_PK.items()}}),
+             {**ONE_BLOCK, "peer.num_experts": 16 ** 2,
+              **{f"peer.{k}": v for k, v in SMALL_PK.items()}}),
     "peer_relu": ("configs/peer.py:tiny",
-                  {"peer.num_experts": 16 ** 2, "peer.score": "relu",
+                  {**ONE_BLOCK, "peer.num_experts": 16 ** 2, "peer.score": "relu",
                    **{f"peer.{k}": v for k, v in SMALL_PK.items()}}),
     # dropless token choice through the grouped matmul, with a shared expert
-    "moe": ("configs/moe.py:tiny", {"moe.dispatch": "dropless", "moe.num_shared_experts": 1}),
+    "moe": ("configs/moe.py:tiny", {**ONE_BLOCK, "moe.dispatch": "dropless",
+                                    "moe.num_shared_experts": 1}),
 }
 IMPL_KEY = {"memory": "memory.impl", "peer": "peer.impl", "peer_relu": "peer.impl",
             "moe": "moe.impl"}

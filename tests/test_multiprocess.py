@@ -11,7 +11,7 @@ in-process all-reduce) sums across devices in another order: its losses differ b
 float32 ulp (relative < 1e-7) over the first 6 steps of the tiny model (measured), checked with
 rtol 1e-5 in test_in_process_run_matches_within_reduction_order.
 
-Runtime (2 CPU cores): ~57 s with a warm compile cache, ~70 s cold.
+Cost: ~135 CPU seconds with a cold compile cache (mostly the children's start-up and compiles).
 """
 
 import json
@@ -91,7 +91,8 @@ class Job:
     logdir.mkdir(parents=True, exist_ok=True)
     tag = f"{module.rsplit('.', 1)[-1]}-{port}"
     for pid in range(processes):
-      env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+      env = {**os.environ, "XLA_FLAGS": os.environ["SPARSEJAX_TEST_XLA_FLAGS"],
+             "JAX_PLATFORMS": "cpu",
              "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
              "SPARSEJAX_NUM_PROCESSES": str(processes), "SPARSEJAX_PROCESS_ID": str(pid),
              "SPARSEJAX_LOCAL_DEVICES": str(local_devices),
@@ -154,6 +155,15 @@ def assert_trees_equal(a, b):
     assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
 
 
+def copy_step(src, dst, step):
+  """A workdir holding only `step` of `src` (its checkpoint, marker, config and metrics)."""
+  (dst / "commits").mkdir(parents=True)
+  shutil.copytree(src / "checkpoints" / str(step), dst / "checkpoints" / str(step))
+  shutil.copy(src / "commits" / f"{step}.json", dst / "commits" / f"{step}.json")
+  for name in ("config.json", "metrics.jsonl"):
+    shutil.copy(src / name, dst / name)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, config, default_dataset):
   """An uninterrupted run: one process x 8 devices under jax.distributed (gloo collectives)."""
@@ -206,11 +216,7 @@ def test_one_process_checkpoint_continues_on_two_processes(tmp_path, config, ref
   periodic eval on both processes); the 2-process checkpoint then evaluates on 2 processes
   (the eval CLI) and in this process on one device."""
   run = tmp_path / "run"
-  (run / "commits").mkdir(parents=True)
-  shutil.copytree(reference / "checkpoints" / "10", run / "checkpoints" / "10")
-  shutil.copy(reference / "commits" / "10.json", run / "commits" / "10.json")
-  for name in ("config.json", "metrics.jsonl"):
-    shutil.copy(reference / name, run / name)
+  copy_step(reference, run, 10)
   summary, _ = run_ok(train_args(config, run, {"train.stop_at_step": 13,
                                                "train.eval_every_steps": 12}), 2, 4, tmp_path)
   assert summary["step"] == 13
@@ -389,14 +395,13 @@ def test_resume_batch_rules():
       position.resume_batch(saved, {**now, key: value}, 6, "w")
 
 
-def test_changed_batch_size_refuses_to_resume(tmp_path, default_dataset):
-  one = jax.devices()[:1]
-  base = {"train.steps": 12, "train.checkpoint_every_steps": 0, "train.log_every_steps": 1,
-          "train.eval_every_steps": 0, "train.progress_bar": False}
-  looplib.train_and_evaluate(load_config("configs/dense.py:tiny",
-                                         **{**base, "train.stop_at_step": 2}), tmp_path,
-                             devices=one)
-  changed = load_config("configs/dense.py:tiny", **{**base, "data.global_batch_size": 16})
-  with pytest.raises(ConfigError, match="config.data.global_batch_size: 16 now, 8 at step 2"):
-    looplib.train_and_evaluate(changed, tmp_path, devices=one)
-  assert Checkpointer(tmp_path).latest_step() == 2  # nothing was touched
+def test_changed_batch_size_refuses_to_resume(tmp_path, reference):
+  """The reference run's step 10 (global batch 8) resumed with global_batch_size 16: one line
+  naming the key; the workdir is left as it was."""
+  copy_step(reference, tmp_path, 10)
+  metrics = (tmp_path / "metrics.jsonl").read_bytes()
+  changed = load_config("configs/dense.py:tiny", **{**OVERRIDES, "data.global_batch_size": 16})
+  with pytest.raises(ConfigError, match="config.data.global_batch_size: 16 now, 8 at step 10"):
+    looplib.train_and_evaluate(changed, tmp_path, devices=jax.devices()[:1])
+  assert Checkpointer(tmp_path).latest_step() == 10  # nothing was touched
+  assert (tmp_path / "metrics.jsonl").read_bytes() == metrics

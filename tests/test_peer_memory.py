@@ -1,8 +1,7 @@
 """Product-key families: product-key top-k vs brute force, PEER and memory layers vs O(N)
 references, sparse gradients, the shared value pool and its optimizer group, causality,
-column-sharded values on 8 fake devices, loss falling and bitwise resume for the tiny presets."""
-
-import json
+column-sharded values on 8 fake devices. The tiny presets' falling loss: in the 300-step runs of
+tests/test_sparse_layers_work.py; their bitwise resume: test_train.py's every-family test."""
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +21,8 @@ from sparsejax.models.transformer import build_model
 from sparsejax.parallel.sharding import activation_sharding
 from sparsejax.parallel.mesh import make_mesh
 from sparsejax.layers import registry
-from sparsejax.train import loop as looplib
-from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.optim import make_optimizer, param_groups
-from sparsejax.train.state import abstract_state, model_spec, param_shardings
+from sparsejax.train.state import model_spec, param_shardings
 from sparsejax.train.step import make_train_step
 
 VOCAB = 257
@@ -315,58 +312,3 @@ def test_value_tables_shard_by_column_and_sharded_forward_matches():
   with activation_sharding(mesh, registry.logical_rules(cfg.mesh)):
     out = jax.jit(forward, out_shardings=NamedSharding(mesh, P()))(sharded_params)
   np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=1e-5, atol=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny presets train on the default corpus; bitwise resume (memory)
-# ---------------------------------------------------------------------------------------------
-
-def losses(workdir):
-  lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  return [(r["step"], r["loss"]) for r in map(json.loads, filter(None, lines)) if "loss" in r]
-
-
-@pytest.mark.parametrize("family", ["peer", "memory"])
-def test_tiny_preset_loss_falls(tmp_path, default_dataset, family):
-  cfg = load_config(f"configs/{family}.py:tiny", **{
-      "train.steps": 60, "train.log_every_steps": 5, "train.checkpoint_every_steps": 0,
-      "train.eval_every_steps": 0, "train.progress_bar": False})
-  result = looplib.train_and_evaluate(cfg, tmp_path, devices=jax.devices()[:1])
-  curve = [loss for _, loss in losses(tmp_path)]
-  # Same margin as dense tiny (tests/test_train.py): >= 1.8 nats below the first logged loss.
-  assert curve[0] - np.mean(curve[-2:]) > 1.8, curve
-  assert result.eval_metrics["bits_per_byte"] < 5.5
-
-
-RESUME_STEPS = 12
-
-
-def memory_resume_cfg(**o):
-  return memory_cfg(**{"train.steps": RESUME_STEPS, "train.checkpoint_every_steps": 4,
-                       "train.log_every_steps": 1, "train.eval_every_steps": 0,
-                       "train.progress_bar": False, **o})
-
-
-def final_params(workdir, cfg):
-  ckpt = Checkpointer(workdir, async_save=False)
-  spec = model_spec(cfg, VOCAB)
-  target, _ = abstract_state(spec, make_mesh(cfg.mesh, jax.devices()[:1]))
-  state, data_state, _ = ckpt.restore(ckpt.latest_step(), target)
-  ckpt.close()
-  return jax.tree.map(np.asarray, state["params"]), data_state
-
-
-def test_memory_bitwise_resume(tmp_path, default_dataset):
-  cfg = memory_resume_cfg()
-  base, run = tmp_path / "base", tmp_path / "run"
-  looplib.train_and_evaluate(cfg, base, devices=jax.devices()[:1])
-  first = looplib.train_and_evaluate(memory_resume_cfg(**{"train.stop_at_step": 5}), run,
-                                     devices=jax.devices()[:1])
-  assert first.step == 5
-  second = looplib.train_and_evaluate(cfg, run, devices=jax.devices()[:1])
-  assert second.step == RESUME_STEPS
-  assert losses(run) == losses(base)
-  (p_run, d_run), (p_base, d_base) = final_params(run, cfg), final_params(base, cfg)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p_run), jax.tree.leaves(p_base)):
-    assert np.array_equal(a, b), jax.tree_util.keystr(path)
-  assert d_run == d_base

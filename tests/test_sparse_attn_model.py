@@ -94,14 +94,19 @@ def test_pallas_path_under_a_data_parallel_mesh_matches_one_device():
   assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
-@pytest.mark.parametrize("ffn", ["moe", "memory", "peer"])
-def test_block_sparse_attention_with_sparse_ffns_trains(tmp_path, ffn, default_dataset):
-  """Local block-sparse attention composes with every sparse FFN family."""
-  cfg = load_config(f"configs/{ffn}.py:tiny", **{
-      "attention.pattern": ("block_sparse", "dense"), "attention.mask": "causal&window:16",
+def test_block_sparse_attention_with_every_sparse_ffn_trains(tmp_path, default_dataset):
+  """Local block-sparse attention composes with every sparse FFN family: one model with a MoE,
+  a memory and a PEER block (their tiny presets' sizes), local attention in blocks 0 and 2."""
+  cfg = load_config("configs/memory.py:tiny", **{
+      "model.num_layers": 3, "ffn.overrides": ("0:moe", "1:memory", "2:peer"),
+      "moe.num_experts": 8, "moe.top_k": 2, "peer.num_experts": 32 ** 2, "peer.num_heads": 2,
+      "peer.top_k": 4, "peer.d_key": 32,
+      "attention.pattern": ("block_sparse", "dense", "block_sparse"),
+      "attention.mask": "causal&window:16",
       "attention.block_q": 16, "attention.block_kv": 16, "train.steps": 3,
       "optim.warmup_steps": 1, "train.log_every_steps": 1, "train.eval_every_steps": 0,
       "train.checkpoint_every_steps": 0, "train.progress_bar": False})
-  assert [a for a, _ in cfg.layer_types()] == ["block_sparse", "dense"]
+  assert cfg.layer_types() == [("block_sparse", "moe"), ("dense", "memory"),
+                               ("block_sparse", "peer")]
   result = looplib.train_and_evaluate(cfg, tmp_path, devices=jax.devices()[:1])
   assert result.step == 3 and np.isfinite(result.last_metrics["loss"])

@@ -206,7 +206,7 @@ def runs(steps=3, lr=3e-3):
   cfg = load_config(runs[0].base, **{**runs[0].overrides, "train.stop_at_step": 2})
   assert train_and_evaluate(cfg, root / first, devices=jax.devices()[:1]).step == 2
   # Children: one CPU device each (not the tests' 8 fake ones), the tests' compile cache.
-  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("XLA_FLAGS", os.environ["SPARSEJAX_TEST_XLA_FLAGS"])
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(CACHE / "jax-compile"))
   monkeypatch.chdir(pathlib.Path(__file__).resolve().parent.parent)
   log = []

@@ -125,11 +125,13 @@ def test_torn_and_corrupt_checkpoints_are_skipped(tmp_path, baseline, caplog):
 def test_sigterm_saves_and_resume_matches(tmp_path, default_dataset):
   # Subprocesses (one CPU device each) for both runs: XLA:CPU may order a reduction
   # differently under another device count, so the reference runs in the same environment.
-  steps = 200
+  # SIGTERM goes out once step 3 is logged; the run stops at the next step boundary (~step 5),
+  # far from the end (a step with its log takes ~50 ms of CPU here).
+  steps = 60
   overrides = {"train.steps": steps, "train.checkpoint_every_steps": 0,
                "train.log_every_steps": 1, "train.eval_every_steps": 0,
                "train.progress_bar": False}
-  env = {**os.environ, "XLA_FLAGS": ""}
+  env = {**os.environ, "XLA_FLAGS": os.environ["SPARSEJAX_TEST_XLA_FLAGS"]}
 
   def cmd(workdir):
     return ([sys.executable, "-m", "sparsejax.train", "--config", "configs/dense.py:tiny",
@@ -171,7 +173,8 @@ def test_nonfinite_step_is_skipped_and_counted(default_dataset):
   state, _ = init_state(spec, mesh, opt)
   step = jax.jit(steplib.make_train_step(spec.graphdef, cfg, opt))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (8, 65)), jnp.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  # Both batches carry loss weights (all ones = the unweighted loss): one compiled step.
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((8, 64))}
   bad = {**batch, "weights": jnp.full((8, 64), jnp.nan)}
   after_bad, m = step(state, bad)
   assert float(m["update_skipped"]) == 1.0 and int(m["nonfinite_in_a_row"]) == 1
@@ -222,7 +225,7 @@ def test_eval_cli_prints_one_json_line(tmp_path, baseline):
   base_dir, _ = baseline
   text = tmp_path / "doc.txt"
   text.write_text("def f(x):\n    return x + 1\n" * 200)
-  env = {**os.environ, "XLA_FLAGS": ""}
+  env = {**os.environ, "XLA_FLAGS": os.environ["SPARSEJAX_TEST_XLA_FLAGS"]}
   for extra in ([], ["--data", str(text)], ["--step", "8"]):
     proc = subprocess.run([sys.executable, "-m", "sparsejax.eval", "--workdir", str(base_dir),
                            "--max_batches", "2", *extra], cwd=REPO, env=env,
@@ -240,15 +243,15 @@ def test_eval_cli_prints_one_json_line(tmp_path, baseline):
   assert "--step 7 is not a committed checkpoint" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_dense_config_files_tiny_preset_trains_two_steps(tmp_path, default_dataset):
-  """The other config files' tiny presets train (and resume, and match their golden losses)
-  in test_bitwise_resume_every_family."""
-  cfg = load_config("configs/dense.py:tiny", **{
-      "train.steps": 2, "optim.warmup_steps": 1, "train.log_every_steps": 1,
-      "train.eval_every_steps": 0, "train.checkpoint_every_steps": 0, "train.progress_bar": False})
-  result = looplib.train_and_evaluate(cfg, tmp_path, devices=jax.devices()[:1])
-  assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
-  assert Checkpointer(tmp_path).committed_steps() == [2]
+def test_dense_config_files_tiny_preset_matches_its_golden_losses(tmp_path, default_dataset):
+  """configs/dense.py's tiny preset is the golden-loss case "dense": it trains to its recorded
+  losses (tests/golden/family_losses.json) and writes one final checkpoint. The other config
+  files' tiny presets train, resume and match theirs in test_bitwise_resume_every_family."""
+  ref = gl.run_case("dense", tmp_path)
+  golden = json.loads(gl.GOLDEN.read_text())
+  assert not gl.compare(golden, {"dense": ref}), gl.compare(golden, {"dense": ref})
+  assert np.isfinite(ref["loss"]).all() and len(ref["loss"]) == gl.STEPS
+  assert Checkpointer(tmp_path / "dense").committed_steps() == [gl.STEPS]
 
 
 def test_every_config_file_is_covered():
@@ -267,8 +270,8 @@ GOLDEN_OF_CONFIG = {"moe": "moe", "peer": "peer", "memory": "memory",
 def test_bitwise_resume_every_family(tmp_path, name, default_dataset):
   """For each family's tiny preset (dense: test_bitwise_resume, with more checks): the 6-step
   golden-loss case trains to its recorded losses (tests/golden/family_losses.json), writes one
-  final checkpoint, and stopping at step 3 then resuming to 6 gives the same losses and bitwise
-  the same parameters."""
+  final checkpoint, and stopping at step 3 then resuming to 6 gives the same losses, bitwise
+  the same parameters and the same data position."""
   case = GOLDEN_OF_CONFIG[name]
   path, overrides = gl.CASES[case]
   ref = gl.run_case(case, tmp_path)
@@ -283,4 +286,6 @@ def test_bitwise_resume_every_family(tmp_path, name, default_dataset):
                              tmp_path / "run", devices=one)
   looplib.train_and_evaluate(cfg, tmp_path / "run", devices=one)
   assert losses(tmp_path / "run") == losses(tmp_path / case)
-  assert_trees_equal(final_params(tmp_path / "run", cfg)[0], final_params(tmp_path / case, cfg)[0])
+  (p_run, d_run), (p_ref, d_ref) = (final_params(tmp_path / w, cfg) for w in ("run", case))
+  assert_trees_equal(p_run, p_ref)
+  assert d_run == d_ref  # grain iterator state
