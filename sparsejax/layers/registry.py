@@ -15,7 +15,9 @@ by the train / eval steps' ``nnx.capture``; a no-op in a plain ``model(tokens)``
   * any other scalar name: logged as a metric ``sown/<path>``;
   * a vector: logged as a TensorBoard histogram (plus its max/mean and min/mean ratios);
   * a name starting with ``usage``: a count vector, summed over an eval window by the evaluator,
-    which reports the fraction of entries touched and the KL from uniform (key usage);
+    which reports the fraction of entries touched and the KL from uniform (key usage); for
+    ``usage_neurons`` (dense FFN with a sparse activation) also ``dead_fraction``, the share of
+    hidden units that never fired over the window;
   * ``update__buffer_x``: added to the sibling parameter ``buffer_x`` after the optimizer step
     (``buffer_*`` parameters are frozen for the optimizer).
 """
