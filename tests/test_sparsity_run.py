@@ -11,6 +11,7 @@ import pytest
 
 from sparsejax.configure import load_config
 from sparsejax.eval import sparsity_check
+from sparsejax.scaling.records import last_metrics_with
 from sparsejax.sparsity import masks, summary
 from sparsejax.train import loop as looplib
 from sparsejax.train.state import model_spec
@@ -48,8 +49,8 @@ def test_gmp_resume_mid_schedule_is_bitwise_and_the_checkpoint_reports_it(tmp_pa
   assert a["params_nonzero"] == a["params_total"] - (a["targets_total"] - a["targets_nonzero"])
   # the sweep record's sparse counts from the logged metrics
   cfg = _cfg(**GMP)
-  rec = summary.record_fields(cfg, model_spec(cfg, 257), summary.last_sparsity_metrics(
-      tmp_path / "full"), flops_per_token=1e6, tokens=1e5)
+  rec = summary.record_fields(cfg, model_spec(cfg, 257), last_metrics_with(
+      tmp_path / "full", "sparsity/weight_sparsity"), flops_per_token=1e6, tokens=1e5)
   pruned = a["targets_total"] - a["targets_nonzero"]
   assert rec["params_pruned_final"] == pruned
   assert rec["weight_sparsity"] == pytest.approx(0.75, abs=1e-3)

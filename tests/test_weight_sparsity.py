@@ -10,6 +10,7 @@ straddle a shard are refused. The pure mask algebra is in tests/test_sparsity_ma
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sparsejax.config import ConfigError
@@ -308,3 +309,28 @@ def test_every_family_prunes_its_projections_on_a_mesh(family, over):
   for t, a, b, w in zip(one.plan.targets, one.masks(), many.masks(), many.weights()):
     np.testing.assert_array_equal(a, b)
     assert a.sum() == round(0.5 * t.size) and np.all(w[~b] == 0)
+
+
+def test_flip_rate_is_the_fraction_of_mask_bits_changed_since_the_last_log():
+  cfg = _cfg(**{"sparsity.method": "gmp", "sparsity.sparsity": 0.75, "train.steps": 8,
+                "sparsity.start_fraction": 0.0, "sparsity.end_fraction": 1.0,
+                "sparsity.update_every": 1, "train.log_every_steps": 3})
+  params = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(6).standard_normal(x.shape),
+                                              x.dtype), model_spec(cfg, VOCAB).abstract_params)
+  opt = make_optimizer(cfg)
+  plan = sp.make_plan(cfg, params)
+  update = jax.jit(opt.update)
+  state = opt.init(params)
+  at_log = [np.asarray(m) for m in sp.leaves(state.masks, plan.targets)]
+  flips = [0.0] * len(plan.targets)
+  for t in range(8):
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    masks = [np.asarray(m) for m in sp.leaves(state.masks, plan.targets)]
+    if (t + 1) % 3 == 0 or t + 1 == 8:   # logged steps: 3, 6 and the last
+      flips = [float(np.mean(a != b)) for a, b in zip(at_log, masks)]
+      at_log = masks
+    got = [float(f) for f in sp.leaves(state.flip_rate, plan.targets)]
+    np.testing.assert_allclose(got, flips, rtol=1e-6)
+  assert min(flips) > 0

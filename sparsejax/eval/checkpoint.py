@@ -83,8 +83,8 @@ def restore(workdir: str | pathlib.Path, step: int | None = None,
   ckpt.close()
   params = state["params"]
   if cfg.sparsity.method != "none":  # the weights the sparse model computes with
-    params = sparsity.jitted_inference_params(cfg, step, shardings["params"])(
-        params, state["opt_state"])
+    params = sparsity.jitted_inference_params(cfg, shardings["params"])(
+        params, state["opt_state"], step)
   return Restored(step, cfg, meta, spec, params, mesh,
                   registry.logical_rules(cfg.mesh), shardings["params"])
 

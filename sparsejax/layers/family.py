@@ -33,6 +33,8 @@ class LayerCost:
   active_params: float | None = None     # matmul weights touched; None: all 2-D+ weights
   attention_flops: float | None = None   # scores + values; None: dense causal 2*T*H*Dh
   table_bytes: float = 0.0               # table rows gathered (memory values, PEER experts)
+  skippable_flops: float = 0.0           # TRAINING FLOPs a structure-aware kernel need not run
+                                         # (FFN activation top-k; accounting docstring)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.layers.common import DTYPES, param, sow
-from sparsejax.layers.family import Family, Prunable
+from sparsejax.layers.family import Family, LayerCost, Prunable
 from sparsejax.parallel.sharding import constrain
 
 # act(gate) of act(gate) * up, element-wise (shared with the MoE experts, sparsejax/layers/moe.py)
@@ -108,6 +108,12 @@ class GatedFFN(nnx.Module):
     return 14.0 * d * (f - self.topk) if self.topk else 0.0
 
 
-FAMILY = Family("dense", "ffn", GatedFFN, shapes=("model", "ffn"),
+def cost(layer: GatedFFN, seq_len: int) -> LayerCost:
+  """Every weight active (the default); top-k's skippable training FLOPs."""
+  del seq_len
+  return LayerCost(skippable_flops=layer.skippable_flops_per_token())
+
+
+FAMILY = Family("dense", "ffn", GatedFFN, cost=cost, shapes=("model", "ffn"),
                 prunable=(Prunable("w_gate_DxF", 0), Prunable("w_up_DxF", 0),
                           Prunable("w_down_FxD", 0)))

@@ -43,8 +43,8 @@ all of h must be computed to pick its k largest entries, so the gate and up proj
 stays dense (2·2·D·F); every other matmul of the layer touches only the k kept units per token
 — the down projection forward (2·D·k) and backward (4·D·k), and the gate / up backward, whose
 pre-activation gradients are exactly zero at dropped units (2·4·D·k). Training: dense 18·D·F,
-exploitable 4·D·F + 14·D·k, i.e. 14·D·(F − k) less per top-k layer (``skippable_flops_per_token``
-of sparsejax/layers/ffn.py). ReLU / ReLU² / dReLU zeros are data-dependent and not counted
+exploitable 4·D·F + 14·D·k, i.e. 14·D·(F − k) less per top-k layer (the dense FFN family's
+``LayerCost.skippable_flops``). ReLU / ReLU² / dReLU zeros are data-dependent and not counted
 (exploitable = flops_per_token without top-k); the measured fraction is the train metric
 ``sown/<layer>/act_nonzero``.
 
@@ -123,7 +123,7 @@ def count(model, cfg: Config, *, vocab_size: int | None = None) -> ModelCounts:
       cost = family.cost(sub, seq_len) if family.cost is not None else LayerCost()
       body += cost.active_params if cost.active_params is not None else _matmul_params(sub)
       table_bytes += cost.table_bytes
-      skippable += getattr(sub, "skippable_flops_per_token", lambda: 0.0)()
+      skippable += cost.skippable_flops
       if sub is block.attn:
         attn_fwd += (cost.attention_flops if cost.attention_flops is not None else
                      2.0 * seq_len * cfg.model.num_heads * cfg.head_dim)

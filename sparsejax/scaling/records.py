@@ -113,6 +113,25 @@ def write_record(workdir: pathlib.Path, rec: dict) -> None:
   os.replace(tmp, workdir / RECORD)
 
 
+def metrics_records(workdir: str | os.PathLike) -> list[dict]:
+  """The records of ``WORKDIR/metrics.jsonl`` in order ([] without the file; a line torn by a
+  crash is skipped)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  out = []
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
+
+
+def last_metrics_with(workdir: str | os.PathLike, key: str) -> dict:
+  """The last ``metrics.jsonl`` record that holds ``key`` ({} without one)."""
+  return next((r for r in reversed(metrics_records(workdir)) if key in r), {})
+
+
 def smoothed_eval_loss(workdir: str | os.PathLike, k: int = SMOOTH_EVALS
                        ) -> tuple[float | None, list[int]]:
   """Mean of the eval losses at the last `k` eval points of ``metrics.jsonl`` (the final eval
@@ -120,16 +139,10 @@ def smoothed_eval_loss(workdir: str | os.PathLike, k: int = SMOOTH_EVALS
   ``config.train.eval_every_steps`` plus the final eval: with only the final one this is the
   final loss. k > 1 lowers the noise of a single eval set at the price of a bias towards the
   earlier (higher) losses while the loss still falls; k = 1 is the final eval loss."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
   evals: dict[int, float] = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if "eval/loss" in rec:
-        evals[int(rec["step"])] = float(rec["eval/loss"])  # a re-run's eval replaces the old
+  for rec in metrics_records(workdir):
+    if "eval/loss" in rec:
+      evals[int(rec["step"])] = float(rec["eval/loss"])  # a re-run's eval replaces the old
   steps = sorted(evals)[-max(int(k), 1):]
   if not steps:
     return None, []

@@ -43,17 +43,18 @@ def forward_params(plan: Plan, params, state: SparsityState) -> dict:
   return replace_targets(params, plan.targets, [ste_mask(w, m) for w, m in zip(ws, ms)])
 
 
-def effective_params(plan: Plan, params, step: int | None = None) -> dict:
+def effective_params(plan: Plan, params, step=None) -> dict:
   """The weights the model computes with, outside training (eval, export, the ``sparsejax
-  sparsity`` command): N:M applies its mask (dense after ``dense_start``); other methods store
-  pruned weights as exact zeros already."""
-  dense_end = plan.dense_start < plan.cfg.train.steps and step is not None
-  if plan.method != "nm" or (dense_end and step >= plan.dense_start):
+  sparsity`` command): N:M applies its mask (dense from ``dense_start`` on; ``step`` may be
+  traced, None: the sparse phase); other methods store pruned weights as exact zeros already."""
+  if plan.method != "nm":
     return params
   s = plan.cfg.sparsity
   ws = leaves(params, plan.targets)
-  return replace_targets(params, plan.targets, [
-      w * mk.nm_mask(w, s.n, s.m, t.axis).astype(w.dtype) for t, w in zip(plan.targets, ws)])
+  out = [w * mk.nm_mask(w, s.n, s.m, t.axis).astype(w.dtype) for t, w in zip(plan.targets, ws)]
+  if step is not None and plan.dense_start < plan.cfg.train.steps:
+    out = [jnp.where(dense_phase(plan, step), w, v) for w, v in zip(ws, out)]
+  return replace_targets(params, plan.targets, out)
 
 
 def masked_params(plan: Plan, params, state: SparsityState) -> dict:
@@ -81,18 +82,18 @@ def metrics(plan: Plan, state: SparsityState, params) -> dict[str, jax.Array]:
   return out
 
 
-def jitted_inference_params(cfg: Config, step: int | None, shardings):
-  """``inference_params`` jitted onto the parameters' shardings: (params, opt_state) -> params
-  (the identity without weight sparsity)."""
+def jitted_inference_params(cfg: Config, shardings):
+  """``inference_params`` jitted onto the parameters' shardings, compiled once: (params,
+  opt_state, step) -> params (the identity without weight sparsity)."""
   if cfg.sparsity.method == "none":
-    return lambda params, opt_state: params
+    return lambda params, opt_state, step: params
 
-  def run(params, opt_state):
+  def run(params, opt_state, step):
     return inference_params(cfg, params, opt_state, step)
   return jax.jit(run, out_shardings=shardings)
 
 
-def inference_params(cfg: Config, params, opt_state, step: int | None = None) -> dict:
+def inference_params(cfg: Config, params, opt_state, step=None) -> dict:
   """The weights to evaluate or export a train state with: unchanged without weight sparsity;
   N:M masked by ``effective_params``; other methods with the state's masks applied."""
   sparse = find_state(opt_state)

@@ -1,5 +1,6 @@
 """What a weight-sparse run adds to its sweep record (sparsejax/scaling/records.py), from the
-run's last logged ``sparsity/*`` metrics (sparsejax/sparsity/transform.py ``metrics``).
+run's last logged ``sparsity/*`` metrics (sparsejax/sparsity/hooks.py ``metrics``; the sweep
+runner reads them with ``records.last_metrics_with``).
 
 Pruned counts are weighted by the share of each weight one token uses (MoE experts: k / E;
 ``Family.prunable``), so ``params_active_total - params_pruned_final`` is the non-zero N and
@@ -9,36 +10,16 @@ drop 6 per pruned active weight per token (the convention of sparsejax/models/ac
 
 from __future__ import annotations
 
-import json
-import pathlib
-
 from sparsejax.config import Config
 from sparsejax.sparsity.targets import find_targets
 
 
-def last_sparsity_metrics(workdir: str | pathlib.Path) -> dict[str, float]:
-  """The last ``metrics.jsonl`` record that holds sparsity metrics ({} without one)."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  last: dict[str, float] = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if "sparsity/weight_sparsity" in rec:
-        last = rec
-  return last
-
-
 def record_fields(cfg: Config, spec, metrics: dict, flops_per_token: float,
                   tokens: float) -> dict:
-  """``sparsity_method`` always; for a weight-sparse run also ``weight_sparsity`` (final, over
-  the targets), ``params_pruned_final`` / ``params_pruned_mean`` (active-share weighted),
+  """A weight-sparse run's ``sparsity_method``, ``weight_sparsity`` (final, over the targets),
+  ``params_pruned_final`` / ``params_pruned_mean`` (active-share weighted),
   ``flops_per_token_sparse`` and ``total_flops_sparse``. ``spec``: the run's ModelSpec."""
   method = cfg.sparsity.method
-  if method == "none":
-    return {"sparsity_method": method}
   targets = find_targets(cfg, spec.abstract_params, spec.abstract_model)
   missing = [t.name for t in targets if f"sparsity/density/{t.name}" not in metrics]
   if missing:

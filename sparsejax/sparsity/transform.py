@@ -284,10 +284,11 @@ def sparsify(inner: optax.GradientTransformation, cfg: Config) -> optax.Gradient
     n = (step + 1).astype(jnp.float32)
     means = [m + (p - m) / n for m, p in zip(leaves(state.pruned_mean, tg), pruned)]
     logged = ((step + 1) % log_every == 0) | (step + 1 == cfg.train.steps)
-    last = leaves(state.last_masks, tg)
-    flips = [jnp.where(logged, mk.flip_fraction(a, b), f) for a, b, f in
-             zip(last, new, leaves(state.flip_rate, tg))]
-    last = [jnp.where(logged, b, a) for a, b in zip(last, new)]
+    last, flips = leaves(state.last_masks, tg), leaves(state.flip_rate, tg)
+    # at logged steps only: the flip rate since the previous log, and the masks to compare next
+    flips, last = jax.lax.cond(
+        logged, lambda: ([mk.flip_fraction(a, b) for a, b in zip(last, new)], list(new)),
+        lambda: (flips, last))
     return updates, SparsityState(
         inner_state, subtree(tg, new), subtree(tg, last), subtree(tg, flips),
         subtree(tg, means), subtree(tg, mom) if mom else {}, step + 1)

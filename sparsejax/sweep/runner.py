@@ -26,8 +26,8 @@ from sparsejax.train.loop import train_and_evaluate
 from sparsejax.train.state import model_spec
 from sparsejax.sweep.planning import Planned, Run, SweepError, arg_flags, moe_fields, plan
 from sparsejax.scaling.records import (FLOPS_CONVENTION, RECORD, SMOOTH_EVALS,
-                                     XLA_FLOPS_CONVENTION, read_record, smoothed_eval_loss,
-                                     write_record)
+                                     XLA_FLOPS_CONVENTION, last_metrics_with, read_record,
+                                     smoothed_eval_loss, write_record)
 
 
 def check_existing(planned: list[Planned], root: str | os.PathLike) -> dict[str, dict]:
@@ -138,9 +138,12 @@ def run_sweep(runs: list[Run], root: str | os.PathLike, devices: list | None = N
                  xla_flops_per_step=xla, xla_flops_devices=ndev,
                  xla_flops_total=None if xla is None else xla * ndev * p.cfg.train.steps,
                  xla_flops_convention=XLA_FLOPS_CONVENTION, wall_s=time.perf_counter() - t0)
-      rec.update(summary.record_fields(p.cfg, model_spec(p.cfg, int(p.info["vocab_rows"])),
-                                       summary.last_sparsity_metrics(workdir),
-                                       rec["flops_per_token"], rec["tokens"]))
+      rec["sparsity_method"] = p.cfg.sparsity.method
+      if p.cfg.sparsity.method != "none":  # weight-sparse: counts from the last logged metrics
+        rec.update(summary.record_fields(
+            p.cfg, model_spec(p.cfg, int(p.info["vocab_rows"])),
+            last_metrics_with(workdir, "sparsity/weight_sparsity"), rec["flops_per_token"],
+            rec["tokens"]))
       write_record(workdir, rec)
     else:
       rec["wall_s"] = time.perf_counter() - t0

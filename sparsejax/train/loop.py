@@ -153,6 +153,7 @@ class _Run:
                                              self.shardings, self.batch_sh)
       self.eval_fn = jax.jit(make_eval_step(self.spec.graphdef),
                              in_shardings=(self.shardings["params"], self.batch_sh))
+    self.eval_params_fn = sparsity.jitted_inference_params(cfg, self.shardings["params"])
     self.val_batches, self.val_bpt, self.val_total = validation_subset(self.dataset_dir, cfg)
 
   # ---- hooks ----
@@ -169,8 +170,8 @@ class _Run:
     self.watchdog.beat(f"eval at step {step_no}", slow=not self.eval_compiled)
     self.eval_compiled = True
     with shd.activation_sharding(self.mesh, self.rules):
-      params = sparsity.jitted_inference_params(self.cfg, step_no, self.shardings["params"])(
-          self.state["params"], self.state["opt_state"])  # N:M: the masked weights
+      params = self.eval_params_fn(self.state["params"], self.state["opt_state"],
+                                   step_no)  # weight sparsity: the masked weights
       result = evaluate_params(self.eval_fn, params, self.val_batches,
                                self.batch_sh, self.val_bpt,
                                on_batch=lambda i: self.watchdog.beat(
