@@ -635,7 +635,8 @@ def test_submitit_task_checkpoint_stops_the_trainer_and_requeues(tmp_path, monke
       signal.signal(signal.SIGTERM, stop)
       (d / "env.json").write_text(json.dumps({{k: os.environ.get(k) for k in
           ("SPARSEJAX_DISTRIBUTED", "JAX_LOCAL_DEVICE_IDS")}}))
-      (d / "pid").write_text(str(os.getpid()))
+      (d / "pid.tmp").write_text(str(os.getpid()))
+      os.replace(d / "pid.tmp", d / "pid")  # atomic: the test never reads a half-written file
       while True:
         time.sleep(0.05)
   """)
