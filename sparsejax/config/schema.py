@@ -126,6 +126,10 @@ class TrainConfig:
   # falls below this: a collapsing memory / PEER layer; 0 disables
   min_touched_fraction: float = 0.05
   progress_bar: bool = True
+  # "WORKDIR[:STEP]": a new run starts from that run's parameters (latest committed step unless
+  # given) with a fresh optimizer, schedule and data stream (sparsejax/train/init_from.py);
+  # ignored once this run has a checkpoint of its own
+  init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sparsejax.errors import ConfigError
 from sparsejax.parallel import mesh as mesh_lib
 
 
@@ -137,6 +138,20 @@ def batch_shards(mesh: Mesh, rules: dict[str, Any]) -> int:
   spec = batch_sharding(mesh, rules).spec[0]
   axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_global_batch(global_batch_size: int, grad_accum_steps: int, mesh: Mesh,
+                       rules: dict[str, Any]) -> None:
+  """One-line ConfigError unless every micro-batch splits over the mesh's batch shards and the
+  global batch over the processes."""
+  micro = global_batch_size // grad_accum_steps
+  shards = batch_shards(mesh, rules)
+  if micro % shards:
+    raise ConfigError(f"config.data.global_batch_size: micro-batch {micro} (global batch / "
+                      f"grad_accum_steps) must divide by the {shards} batch shards of the mesh")
+  if global_batch_size % jax.process_count():
+    raise ConfigError(f"config.data.global_batch_size: must divide by the "
+                      f"{jax.process_count()} processes")
 
 
 def global_batch(local: dict, sharding: NamedSharding, global_batch_size: int) -> dict:

@@ -255,6 +255,19 @@ class Checkpointer:
     out = self.mngr.restore(step, args=args)
     return out["state"], out["data"], out["meta"]
 
+  def restore_params(self, step: int, abstract_params) -> Any:
+    """Only ``state["params"]`` of ``step`` (the optimizer state is never read), laid out as
+    ``abstract_params`` (ShapeDtypeStructs with shardings) say: a run started from another
+    run's weights (config.train.init_from), upcycling, export."""
+    if not self._valid(step):
+      raise CheckpointError(f"checkpoint step {step} in {self.root} is not committed or is "
+                            f"corrupt; committed steps: {self.committed_steps()}")
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)
+    return self.mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
   def restore_meta(self, step: int) -> dict:
     out = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return out["meta"]

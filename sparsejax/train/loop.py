@@ -19,13 +19,13 @@ whose loop stops making progress, so one stuck host cannot hang the job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
 import time
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from sparsejax import data as sdata
@@ -41,9 +41,11 @@ from sparsejax.parallel import hardware, mesh as mesh_lib, sharding as shd
 from sparsejax.sparsity import hooks as sparsity
 from sparsejax.train import step as steplib
 from sparsejax.train.checkpoint import Checkpointer
-from sparsejax.train.metrics import MetricWriter, host_metrics, write_atomic
+from sparsejax.train.init_from import load_params
+from sparsejax.train.metrics import (MetricWriter, derived_metrics, host_metrics,
+                                     warn_low_usage, write_atomic)
 from sparsejax.train.optim import make_optimizer
-from sparsejax.train.state import abstract_state, init_state, model_spec
+from sparsejax.train.state import abstract_state, init_state, model_spec, state_shardings
 
 _log = logging.getLogger("sparsejax")
 
@@ -70,8 +72,9 @@ class _Run:
   """One training run's state and hooks (see the module docstring)."""
 
   def __init__(self, cfg: Config, workdir: pathlib.Path, devices, allow_data_change: bool,
-               step_timeout_s: float | None):
-    self.cfg, self.workdir = cfg, workdir
+               step_timeout_s: float | None, init_params=None):
+    self.cfg, self.workdir, self.init_params, self.allow_data_change = (
+        cfg, workdir, init_params, allow_data_change)
     if (workdir / "config.json").exists():  # a run to resume: its parameters must fit
       check_resume(json.loads((workdir / "config.json").read_text()), cfg, str(workdir))
     self.dataset_dir = position.resolve_dataset(cfg)  # bad inputs fail before anything is written
@@ -85,17 +88,10 @@ class _Run:
     self.devices = list(devices) if devices is not None else jax.devices()
     self.mesh = mesh_lib.make_mesh(cfg.mesh, self.devices)
     self.rules = registry.logical_rules(cfg.mesh)
-    micro = cfg.data.global_batch_size // cfg.train.grad_accum_steps
-    shards = shd.batch_shards(self.mesh, self.rules)
-    if micro % shards:
-      raise ConfigError(f"config.data.global_batch_size: micro-batch {micro} (global batch / "
-                        f"grad_accum_steps) must divide by the {shards} batch shards of the mesh")
-    if cfg.data.global_batch_size % jax.process_count():
-      raise ConfigError(f"config.data.global_batch_size: must divide by the "
-                        f"{jax.process_count()} processes")
+    shd.check_global_batch(cfg.data.global_batch_size, cfg.train.grad_accum_steps, self.mesh,
+                           self.rules)
     if step_timeout_s is None:
       step_timeout_s = DEFAULT_MULTIPROCESS_STEP_TIMEOUT_S if jax.process_count() > 1 else 0.0
-    self.allow_data_change = allow_data_change
     self.spec = model_spec(cfg, vocab)
     self.optimizer = make_optimizer(cfg)
     self.ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
@@ -134,8 +130,12 @@ class _Run:
       self.writer.truncate_after(latest)
       _log.info("resumed from checkpoint step %d in %s (saved by %s process(es), mesh %s)",
                 latest, ckpt.root, saved_meta.get("process_count", 1), saved_meta.get("mesh"))
-    else:
-      self.state, self.shardings = init_state(self.spec, self.mesh, self.optimizer)
+    else:  # random weights, or given / another run's (init_from), with a fresh optimizer
+      given = self.init_params or (functools.partial(load_params, cfg.train.init_from)
+                                   if cfg.train.init_from else None)
+      self.state, self.shardings = init_state(self.spec, self.mesh, self.optimizer, params=(
+          None if given is None else given(self.spec, state_shardings(
+              self.spec, self.mesh, self.optimizer)["params"])))
       self.writer.truncate_after(-1)  # a run killed before its first save starts over
     self.start = int(jax.device_get(self.state["step"]))
     self.it = sdata.make_train_iterator(self.dataset_dir, seq_len=cfg.data.seq_len,
@@ -190,21 +190,13 @@ class _Run:
     self.watchdog.beat(f"step {done}")
     for name, values in vectors.items():
       self.writer.histogram(done, name, values)
-    last["tokens_per_s"] = self.tokens_per_step * window_steps / window_s
-    last["step_ms"] = 1000.0 * window_s / window_steps
-    last["flops_per_token"] = self.counts.flops_per_token
-    if self.peak:
-      last["mfu"] = (self.counts.flops_per_token * last["tokens_per_s"]
-                     / (self.peak * 1e12 * len(self.devices)))
-    last["perplexity"] = float(np.exp(min(last["ce_loss"], 700.0)))
-    last["bits_per_byte"] = last["ce_loss"] / np.log(2) / self.train_ds.bytes_per_token
+    last.update(derived_metrics(
+        last, tokens_per_s=self.tokens_per_step * window_steps / window_s,
+        step_ms=1000.0 * window_s / window_steps, flops_per_token=self.counts.flops_per_token,
+        peak_flops=(self.peak or 0.0) * 1e12 * len(self.devices),
+        bytes_per_token=self.train_ds.bytes_per_token))
     self.writer.write(done, last)
-    floor = self.cfg.train.min_touched_fraction
-    for name, value in last.items():
-      if name.endswith("/touched_fraction") and value < floor and name not in self.warned:
-        self.warned.add(name)
-        _log.warning("step %d: %s = %.3f < config.train.min_touched_fraction=%g: retrieval is "
-                     "collapsing onto a few slots / experts", done, name, value, floor)
+    warn_low_usage(last, self.cfg.train.min_touched_fraction, self.warned, done)
     return last
 
   def check_finite(self, metrics) -> None:
@@ -292,3 +284,17 @@ def train_and_evaluate(cfg: Config, workdir: str | pathlib.Path,
     run.ckpt.close()
   run.writer.close()
   return result
+
+
+def write_start_checkpoint(cfg: Config, workdir: str | pathlib.Path, init_params,
+                           devices: list | None = None) -> pathlib.Path:
+  """Step 0 of ``cfg``: ``init_params(spec, param_shardings)``, a fresh optimizer, no training."""
+  if Checkpointer(workdir, async_save=False).committed_steps():
+    raise ConfigError(f"--out {workdir} already holds a run; choose a new directory")
+  run = _Run(cfg, pathlib.Path(workdir), devices, False, 0.0, init_params)
+  with run.watchdog:
+    run.restore_or_init()
+    run.save(0)
+    run.ckpt.close()
+  run.writer.close()
+  return run.workdir

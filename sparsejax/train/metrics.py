@@ -4,12 +4,35 @@ under ``tensorboard/``. Only process 0 writes."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
 
 import jax
 import numpy as np
+
+_log = logging.getLogger("sparsejax")
+
+
+def derived_metrics(last: dict, *, tokens_per_s: float, step_ms: float, flops_per_token: float,
+                    peak_flops: float, bytes_per_token: float) -> dict:
+  """Throughput, MFU (when the peak is known), perplexity and bits per byte of a logged step."""
+  out = {"tokens_per_s": tokens_per_s, "step_ms": step_ms, "flops_per_token": flops_per_token,
+         "perplexity": float(np.exp(min(last["ce_loss"], 700.0))),
+         "bits_per_byte": last["ce_loss"] / np.log(2) / bytes_per_token}
+  if peak_flops:
+    out["mfu"] = flops_per_token * tokens_per_s / peak_flops
+  return out
+
+
+def warn_low_usage(last: dict, floor: float, warned: set, step: int) -> None:
+  """Warn once per layer when its per-step touched fraction of slots / experts is below floor."""
+  for name, value in last.items():
+    if name.endswith("/touched_fraction") and value < floor and name not in warned:
+      warned.add(name)
+      _log.warning("step %d: %s = %.3f < config.train.min_touched_fraction=%g: retrieval is "
+                   "collapsing onto a few slots / experts", step, name, value, floor)
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:

@@ -94,14 +94,18 @@ def state_shardings(spec: ModelSpec, mesh: Mesh, optimizer: optax.GradientTransf
           "nonfinite_in_a_row": replicated}
 
 
-def init_state(spec: ModelSpec, mesh: Mesh, optimizer=None):
-  """Materialise a fresh train state directly into its shardings (no host-side full copy)."""
+def init_state(spec: ModelSpec, mesh: Mesh, optimizer=None, params=None):
+  """Materialise a fresh train state directly into its shardings (no host-side full copy).
+  ``params``: start from these (placed by the state's param shardings; config.train.init_from,
+  upcycling, conversion) instead of a random initialisation; the optimizer state is fresh."""
   cfg = spec.cfg
   optimizer = optimizer or make_optimizer(cfg)
   shardings = state_shardings(spec, mesh, optimizer)
 
-  def init():
-    params = nnx.to_pure_dict(nnx.split(build_model(cfg, spec.vocab_size, seed=cfg.train.seed))[1])
+  def init(params):
+    if params is None:
+      params = nnx.to_pure_dict(nnx.split(build_model(cfg, spec.vocab_size,
+                                                      seed=cfg.train.seed))[1])
     opt_state = optimizer.init(params)
     sparse = sparsity.find_state(opt_state)
     if sparse is not None:  # start from the masks' zeros (random / DST masks)
@@ -111,7 +115,10 @@ def init_state(spec: ModelSpec, mesh: Mesh, optimizer=None):
             "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)).astype(jnp.uint32),
             "nonfinite_total": jnp.zeros((), jnp.int32),
             "nonfinite_in_a_row": jnp.zeros((), jnp.int32)}
-  return jax.jit(init, out_shardings=shardings)(), shardings
+  if params is None:
+    return jax.jit(lambda: init(None), out_shardings=shardings)(), shardings
+  return jax.jit(init, in_shardings=(shardings["params"],), out_shardings=shardings)(
+      params), shardings
 
 
 def abstract_state(spec: ModelSpec, mesh: Mesh, optimizer=None):
