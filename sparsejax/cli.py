@@ -7,6 +7,7 @@
     sparsejax info     --config configs/dense.py:350m                   (= python -m sparsejax.info)
     sparsejax fit      --root runs/isoflop_tiny [--out DIR]             (= python -m sparsejax.scaling.analyze)
     sparsejax sparsity --workdir runs/t [--step N]   densities / N:M check of a checkpoint, JSON
+    sparsejax background --workdir runs/m [--batches 100]  slot statistics for sparse_memory
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ COMMANDS = {
     "info": "sparsejax.info",
     "fit": "sparsejax.scaling.analyze",
     "sparsity": "sparsejax.eval.sparsity_check",
+    "background": "sparsejax.finetune.background",
 }
 # Commands whose module parses its own arguments (argparse): main(argv) -> exit status.
 ARGPARSE = {"fit", "sparsity"}
-REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"], "info": ["config"]}
+REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"], "info": ["config"],
+            "background": ["workdir"]}
 
 
 def main(argv: list[str] | None = None) -> None:

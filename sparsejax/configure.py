@@ -40,6 +40,7 @@ def validate(raw: ml_collections.ConfigDict | dict) -> Config:
   schema.core_checks(cfg)
   registry.check(cfg)
   _check_sparsity_targets(cfg)
+  _check_finetune(cfg)
   ffn.check_activation(cfg)  # config.ffn.activation(_topk): read by dense and MoE layers
   if cfg.data.synthfacts_facts:
     synthfacts.check(cfg.data.synthfacts_facts, cfg.data.synthfacts_fraction,
@@ -66,12 +67,55 @@ def _check_sparsity_targets(cfg: Config) -> None:
                       f"(attention, ffn) or a family name ({', '.join(sorted(known))})")
 
 
+def _check_finetune(cfg: Config) -> None:
+  """config.finetune (sparsejax/finetune/): combinations that cannot work, one line each. Model
+  shapes are checked when the optimizer meets the params (LoRA targets, value tables)."""
+  f, mode = cfg.finetune, cfg.finetune.mode
+  if mode == "full":
+    return
+  if cfg.sparsity.method != "none":
+    raise ConfigError(f"config.finetune.mode: {mode!r} cannot be combined with weight sparsity "
+                      f"(config.sparsity.method={cfg.sparsity.method!r}); use mode full or "
+                      "sparsity.method none")
+  if mode == "lora":
+    known = {"attention", "ffn", *registry.ATTENTION, *registry.FFN,
+             *(p.leaf for fam in registry.all_families() for p in fam.prunable)}
+    bad = [t for t in f.lora_targets if t not in known]
+    if bad or not f.lora_targets:
+      what = f"{bad[0]!r} is unknown" if bad else "empty"
+      raise ConfigError(f"config.finetune.lora_targets: {what}; name layer kinds (attention, "
+                        "ffn), families or weights (e.g. wq_DxHxK, w_up_DxF)")
+    used = [(fam, {fam.kind, fam.name} | {p.leaf for p in fam.prunable})
+            for fam in registry.families_in_use(cfg)]
+    if not any(fam.prunable and names & set(f.lora_targets) for fam, names in used):
+      raise ConfigError(f"config.finetune.lora_targets: {list(f.lora_targets)} selects no "
+                        "matrix of this model's layers; name a kind or family it uses")
+    if f.lora_rank < 1 or f.lora_alpha <= 0:
+      raise ConfigError(f"config.finetune.lora_rank / lora_alpha: need rank >= 1 and alpha > 0, "
+                        f"got {f.lora_rank} / {f.lora_alpha}")
+    return
+  if not any(ffn_type == "memory" for _, ffn_type in cfg.layer_types()):
+    raise ConfigError(f"config.finetune.mode: {mode!r} trains memory value tables but the model "
+                      "has no memory layer; add one (e.g. --config.ffn.overrides=1:memory) or "
+                      "use mode full / lora")
+  if mode == "sparse_memory":
+    if f.top_t < 1:
+      raise ConfigError(f"config.finetune.top_t: must be >= 1, got {f.top_t}")
+    if not f.background and not cfg.train.init_from:
+      raise ConfigError("config.finetune.background: sparse_memory needs background access "
+                        "statistics: set it to a file from `python -m sparsejax.finetune."
+                        "background --workdir PRETRAIN_RUN`, or set config.train.init_from to "
+                        "that run (its memory_background.npz is used)")
+
+
 def check_resume(saved: dict, cfg: Config, where: str) -> None:
   """Refuse to resume a run (saved with config dict ``saved``, in ``where``) whose parameters
   would not fit: every parameter-shaping field of every section in use (the families' ``shapes``)
   is compared, and the first change is one ConfigError line naming its dotted key. Other changes
   (remat, learning rate, kernels, ...) are allowed and logged."""
-  shaping, other = schema.resume_changes(saved, cfg, registry.resume_sections(cfg))
+  # finetune: its mode / LoRA fields shape the optimizer state (adapters, frozen groups)
+  shaping, other = schema.resume_changes(saved, cfg, (*registry.resume_sections(cfg),
+                                                      "finetune"))
   if shaping:
     raise ConfigError(f"{shaping[0]}: it shapes the parameters of the run in {where}; use a "
                       "new --workdir or the checkpoint's value")

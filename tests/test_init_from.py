@@ -90,6 +90,8 @@ def test_missing_source_and_step_are_one_line_errors(tmp_path, default_dataset, 
   with pytest.raises(FileNotFoundError, match="has no checkpoints/"):
     train_and_evaluate(tiny(**{"train.init_from": str(tmp_path / "nope")}), tmp_path / "a",
                        one_device)
+  with pytest.raises(FileNotFoundError, match="nope/config.json does not exist"):
+    load_config(f"configs/workdir.py:{tmp_path / 'nope'}")
   assert init_from.parse_source("runs/a:20") == (init_from.pathlib.Path("runs/a"), 20)
   assert init_from.parse_source("runs/a") == (init_from.pathlib.Path("runs/a"), None)
   assert init_from.parse_source("C:/x") == (init_from.pathlib.Path("C:/x"), None)

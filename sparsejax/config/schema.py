@@ -200,6 +200,8 @@ class Config:
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
   sparsity: SparsityConfig = SparsityConfig()
+  # defined at the end of this file (sparsejax/finetune/); CORE_SECTIONS gains it there
+  finetune: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig())
   name: str = "dense"
   # Family sections, sorted by name: (("memory", MemoryConfig(...)), ("moe", MoEConfig(...)), ..)
   families: tuple[tuple[str, Any], ...] = ()
@@ -287,3 +289,30 @@ def parse_overrides(entries: tuple[str, ...]) -> list[tuple[int, str]]:
                         "e.g. '4:memory'")
     out.append((int(layer), name.strip()))
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """``config.finetune``: which parameters a run trains (sparsejax/finetune/). With
+  ``config.train.init_from`` it finetunes another run's weights; the modes work from scratch too.
+
+  full           every parameter (the default; exactly the plain run)
+  lora           rank-r adapters W + (alpha/r) A B on the matrices ``lora_targets`` names (layer
+                 kinds attention / ffn, family names, or leaf names such as w_up_DxF); A ~ N(0,
+                 1/fan_in), B = 0 (step 0 = the base model); base weights and buffers frozen;
+                 adapters (and their AdamW state, main lr schedule) live in the optimizer state
+  memory_values  only the memory value table(s) (memory.value_lr and its group's settings)
+  sparse_memory  per batch only the ``top_t`` value rows this batch accessed with the highest
+                 TF-IDF against ``background`` access statistics (Lin et al. 2025)
+  """
+  mode: str = field("full", "full", "lora", "memory_values", "sparse_memory", shapes=True)
+  lora_rank: int = field(8, shapes=True)
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = field(("attention", "ffn"), shapes=True)
+  top_t: int = 500               # sparse_memory: value rows updated per batch (per table)
+  # sparse_memory: .npz from `python -m sparsejax.finetune.background`; "" = the
+  # config.train.init_from run's WORKDIR/memory_background.npz
+  background: str = ""
+
+
+CORE_SECTIONS["finetune"] = FinetuneConfig

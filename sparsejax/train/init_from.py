@@ -31,9 +31,9 @@ import numpy as np
 from sparsejax.config import Config, MeshConfig
 from sparsejax.configure import validate
 from sparsejax.errors import CheckpointError
+from sparsejax.finetune import hooks as finetune
 from sparsejax.layers import registry
 from sparsejax.parallel import mesh as mesh_lib
-from sparsejax.sparsity import hooks as sparsity
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.state import ModelSpec, abstract_state, model_spec, param_shardings
 
@@ -101,15 +101,15 @@ class Restored:
 
 def _read(ckpt: Checkpointer, step: int, cfg: Config, spec: ModelSpec, mesh, shardings=None):
   """The params of ``step`` in ``shardings`` (default: the spec's on ``mesh``); a weight-sparse
-  run's weights as it computes with them (masks from its optimizer state)."""
-  if cfg.sparsity.method == "none":
+  or LoRA run's weights as it computes with them (masks / adapters from its optimizer state)."""
+  if not finetune.needs_opt_state(cfg):
     shardings = shardings or param_shardings(spec, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           spec.abstract_params, shardings)
     return ckpt.restore_params(step, target)
   target, state_sh = abstract_state(spec, mesh)
   state, _, _ = ckpt.restore(step, target)
-  params = sparsity.jitted_inference_params(cfg, state_sh["params"])(
+  params = finetune.jitted_inference_params(cfg, state_sh["params"])(
       state["params"], state["opt_state"], step)
   return params if shardings is None else jax.device_put(params, shardings)
 

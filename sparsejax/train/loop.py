@@ -38,7 +38,7 @@ from sparsejax.layers import registry
 from sparsejax.models import accounting
 from sparsejax.parallel import distributed as dist
 from sparsejax.parallel import hardware, mesh as mesh_lib, sharding as shd
-from sparsejax.sparsity import hooks as sparsity
+from sparsejax.finetune import hooks as finetune
 from sparsejax.train import step as steplib
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.init_from import load_params
@@ -153,7 +153,7 @@ class _Run:
                                              self.shardings, self.batch_sh)
       self.eval_fn = jax.jit(make_eval_step(self.spec.graphdef),
                              in_shardings=(self.shardings["params"], self.batch_sh))
-    self.eval_params_fn = sparsity.jitted_inference_params(cfg, self.shardings["params"])
+    self.eval_params_fn = finetune.jitted_inference_params(cfg, self.shardings["params"])
     self.val_batches, self.val_bpt, self.val_total = validation_subset(self.dataset_dir, cfg)
 
   # ---- hooks ----
@@ -171,7 +171,7 @@ class _Run:
     self.eval_compiled = True
     with shd.activation_sharding(self.mesh, self.rules):
       params = self.eval_params_fn(self.state["params"], self.state["opt_state"],
-                                   step_no)  # weight sparsity: the masked weights
+                                   step_no)  # weight sparsity / LoRA: the weights it computes with
       result = evaluate_params(self.eval_fn, params, self.val_batches,
                                self.batch_sh, self.val_bpt,
                                on_batch=lambda i: self.watchdog.beat(

@@ -12,6 +12,7 @@ import jax
 import optax
 
 from sparsejax.config import Config
+from sparsejax.finetune import hooks as finetune
 from sparsejax.layers import registry
 from sparsejax.sparsity import transform as sparsity
 
@@ -122,14 +123,20 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
   schedule, own clip and weight decay; product keys / query projections / PEER experts:
   multiples of the main schedule), "frozen" for ``buffer_*`` leaves. The decay mask holds in
   every group. ``optim.grad_clip`` clips one global norm over the default group and every
-  group without a clip of its own, before the groups' updates."""
+  group without a clip of its own, before the groups' updates. ``config.finetune.mode``
+  (sparsejax/finetune/hooks.py): "lora" trains only adapters held in the optimizer state;
+  memory modes freeze every leaf but the value tables."""
   o = cfg.optim
   hypers = group_hypers(cfg)
   mask = functools.partial(decay_mask, cfg=cfg)
+  if cfg.finetune.mode == "lora":  # adapters only, on the default group's settings
+    return finetune.lora_optimizer(cfg, _adamw(hypers["default"]["lr"], o.grad_clip or None,
+                                               o.weight_decay, mask, cfg))
   txs = {name: _adamw(h["lr"], h["grad_clip"], h["weight_decay"], mask, cfg)
          for name, h in hypers.items()}
   txs["frozen"] = optax.set_to_zero()
-  labels = functools.partial(param_groups, cfg=cfg)
+  # memory finetune modes: every leaf but the value tables "frozen"
+  labels = finetune.trainable_labels(cfg, functools.partial(param_groups, cfg=cfg))
   tx = optax.multi_transform(txs, labels)
   s = cfg.sparsity
   if s.method == "nm" and s.nm_decay == "after_clip":  # on the clipped gradients
@@ -140,5 +147,6 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
         {"joint": optax.clip_by_global_norm(o.grad_clip), "own": optax.identity()},
         lambda p: jax.tree.map(lambda g: "joint" if g in joint else "own", labels(p)))
     tx = optax.chain(clip, tx)
+  tx = finetune.wrap_optimizer(cfg, tx)  # sparse_memory: TF-IDF row selection
   # outermost: sees the raw gradients (RigL grows by them), holds the masks
   return tx if s.method == "none" else sparsity.sparsify(tx, cfg)

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sparsejax.config import Config
+from sparsejax.finetune import hooks as finetune
 from sparsejax.layers import registry
 from sparsejax.models.transformer import Transformer, build_model
 from sparsejax.parallel.sharding import logical_to_spec
@@ -88,8 +89,10 @@ def state_shardings(spec: ModelSpec, mesh: Mesh, optimizer: optax.GradientTransf
         spec.cfg, spec.abstract_params), p_sh, mesh)
   opt_shape = jax.eval_shape(optimizer.init, spec.abstract_params)
   replicated = NamedSharding(mesh, P())
+  opt_sh = finetune.opt_shardings(spec.cfg, _opt_shardings(
+      opt_shape, spec.abstract_params, p_sh, mesh), spec.abstract_params, spec.logical_axes, mesh)
   return {"params": p_sh,
-          "opt_state": _opt_shardings(opt_shape, spec.abstract_params, p_sh, mesh),
+          "opt_state": opt_sh,
           "step": replicated, "rng": replicated, "nonfinite_total": replicated,
           "nonfinite_in_a_row": replicated}
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax.finetune import hooks as finetune
 from sparsejax.models.forward import apply_buffer_updates, forward_sums
 from sparsejax.sparsity import hooks as sparsity
 from sparsejax.train.optim import lr_schedule
@@ -44,11 +45,13 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
   z_coef = cfg.model.z_loss
   schedule = lr_schedule(cfg)
 
-  def objective(params, micro, total_count, rng, sparse_state):
+  def objective(params, micro, total_count, rng, sparse_state, ft_state):
     if sparse_state is not None:  # weight sparsity: the masked (N:M: SR-STE) weights
       params = sparsity.forward_params(sparsity.make_plan(cfg, params), params, sparse_state)
+    if ft_state is not None:  # LoRA: W + s A B (adapters from the optimizer state)
+      params = finetune.forward_params(cfg, params, ft_state)
     sums, aux, sown, updates = forward_sums(graphdef, params, micro, z_coef, rng)
-    sown = {k: v for k, v in sown.items() if not k.rsplit("/", 1)[-1].startswith("usage")}
+    sown = finetune.filter_sown(cfg, sown)  # no usage* counts (sparse_memory: the slot counts)
     loss = (sums["ce_sum"] + z_coef * sums["z_sum"]) / total_count + aux / accum
     return loss, (sums, aux, sown, updates)
 
@@ -57,17 +60,19 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
   def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
     params = state["params"]
     sparse_state = sparsity.find_state(state["opt_state"])
+    ft_state = finetune.forward_state(state["opt_state"])
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     b = batch["inputs"].shape[0]
     total_count = jnp.asarray(b * batch["inputs"].shape[1], jnp.float32)
     if accum == 1:
       (loss, (sums, aux, sown, updates)), grads = grad_fn(params, batch, total_count, step_rng,
-                                                       sparse_state)
+                                                       sparse_state, ft_state)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, b // accum, *x.shape[1:]), batch)
 
       def run(i, mb):
-        return grad_fn(params, mb, total_count, jax.random.fold_in(step_rng, i), sparse_state)
+        return grad_fn(params, mb, total_count, jax.random.fold_in(step_rng, i), sparse_state,
+                       ft_state)
 
       def body(carry, xs):
         i, mb = xs
@@ -82,8 +87,10 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    opt_updates, new_opt = optimizer.update(grads, state["opt_state"], params)
-    new_params = apply_buffer_updates(optax.apply_updates(params, opt_updates), updates)
+    extra, sown = finetune.update_args(cfg, sown)  # sparse_memory: slot counts -> optimizer
+    opt_updates, new_opt = optimizer.update(grads, state["opt_state"], params, **extra)
+    new_params = apply_buffer_updates(optax.apply_updates(params, opt_updates),
+                                      finetune.buffer_updates(cfg, updates))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     in_a_row = jnp.where(finite, 0, state["nonfinite_in_a_row"] + 1)
     new_state = {**state,
@@ -103,6 +110,7 @@ def make_train_step(graphdef, cfg, optimizer: optax.GradientTransformation):
                **{f"sown/{k}": v for k, v in sown.items()},
                **_per_leaf(_rms, new_params, "param_rms/"),
                **_per_leaf(_rms, opt_updates, "update_rms/")}
+    metrics.update(finetune.metrics(new_state["opt_state"]))
     new_sparse = sparsity.find_state(new_state["opt_state"])
     if new_sparse is not None:
       metrics.update(sparsity.metrics(sparsity.make_plan(cfg, params), new_sparse,
