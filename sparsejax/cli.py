@@ -8,6 +8,7 @@
     sparsejax fit      --root runs/isoflop_tiny [--out DIR]             (= python -m sparsejax.scaling.analyze)
     sparsejax sparsity --workdir runs/t [--step N]   densities / N:M check of a checkpoint, JSON
     sparsejax background --workdir runs/m [--batches 100]  slot statistics for sparse_memory
+    sparsejax convert  --from-hf DIR --out W | --to-hf W --out DIR [--step N]   Hugging Face
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ COMMANDS = {
     "fit": "sparsejax.scaling.analyze",
     "sparsity": "sparsejax.eval.sparsity_check",
     "background": "sparsejax.finetune.background",
+    "convert": "sparsejax.convert.__main__",
 }
 # Commands whose module parses its own arguments (argparse): main(argv) -> exit status.
-ARGPARSE = {"fit", "sparsity"}
+ARGPARSE = {"fit", "sparsity", "convert"}
 REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"], "info": ["config"],
             "background": ["workdir"]}
 

@@ -50,6 +50,8 @@ class AttentionConfig:
   pattern: tuple[str, ...] = field((), shapes=True)  # e.g. ("dense", "block_sparse")
   rope_theta: float = 10000.0
   qk_norm: bool = field(False, shapes=True)
+  # q / k / v projection biases (Qwen2; zero-initialised, never weight-decayed)
+  qkv_bias: bool = field(False, shapes=True)
   # jax.nn.dot_product_attention backend; auto = cudnn on GPU with 16-bit compute, else xla
   impl: str = field("auto", "auto", "xla", "cudnn")
   # block_sparse layers (sparsejax/layers/block_sparse.py): mask spec, validated and parsed once

@@ -1,13 +1,19 @@
-"""Dense causal grouped-query attention with RoPE and optional QK-norm (registry: "dense")."""
+"""Dense causal grouped-query attention with RoPE and optional QK-norm (registry: "dense").
+
+``config.attention.qkv_bias`` adds q / k / v projection biases (Qwen2): ``q_bias_HxK``,
+``k_bias_KxH``, ``v_bias_KxH``, zero-initialised, added before QK-norm and RoPE; leaves named
+``*bias*`` are never weight-decayed, and they are not matmul weights for FLOP accounting."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.layers.common import DTYPES, RMSNorm, param, rope
-from sparsejax.layers.family import Family, Prunable
+from sparsejax.layers.family import Family, LayerCost, Prunable
 from sparsejax.parallel.sharding import constrain
 
 
@@ -32,6 +38,13 @@ class DenseAttention(nnx.Module):
     self.wv_DxKxH = param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, dtype=pdt)
     self.wo_HxKxD = param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), std=out_std,
                           dtype=pdt)
+    if cfg.attention.qkv_bias:
+      zeros = lambda *shape: jnp.zeros(shape, pdt)
+      self.q_bias_HxK = nnx.Param(zeros(h, dh), logical_axes=("q_heads", "head_dim"))
+      self.k_bias_KxH = nnx.Param(zeros(k, dh), logical_axes=("kv_heads", "head_dim"))
+      self.v_bias_KxH = nnx.Param(zeros(k, dh), logical_axes=("kv_heads", "head_dim"))
+    else:
+      self.q_bias_HxK = self.k_bias_KxH = self.v_bias_KxH = None
     self.q_norm = RMSNorm(dh, eps=cfg.model.norm_eps) if cfg.attention.qk_norm else None
     self.k_norm = RMSNorm(dh, eps=cfg.model.norm_eps) if cfg.attention.qk_norm else None
     self.rope_theta = cfg.attention.rope_theta
@@ -44,6 +57,10 @@ class DenseAttention(nnx.Module):
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq_DxHxK[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk_DxKxH[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv_DxKxH[...].astype(dt))
+    if self.q_bias_HxK is not None:
+      q = q + self.q_bias_HxK[...].astype(dt)
+      k = k + self.k_bias_KxH[...].astype(dt)
+      v = v + self.v_bias_KxH[...].astype(dt)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = constrain(rope(q, positions_BxT, self.rope_theta),
@@ -67,6 +84,19 @@ class DenseAttention(nnx.Module):
 # N:M groups run along head_dim (axis 1)
 PRUNABLE = (Prunable("wq_DxHxK", 0), Prunable("wk_DxKxH", 0), Prunable("wv_DxKxH", 0),
             Prunable("wo_HxKxD", 1))
+MATMUL_WEIGHTS = tuple(p.leaf for p in PRUNABLE)
 
-FAMILY = Family("dense", "attention", DenseAttention, shapes=("model", "attention"),
+
+def matmul_params(layer: DenseAttention) -> int:
+  """The projection weights a token passes through (biases and norm scales excluded)."""
+  return sum(math.prod(getattr(layer, name).shape) for name in MATMUL_WEIGHTS)
+
+
+def cost(layer: DenseAttention, seq_len: int) -> LayerCost:
+  """The q / k / v / o projections are active; attention itself is dense causal (default)."""
+  del seq_len
+  return LayerCost(active_params=matmul_params(layer))
+
+
+FAMILY = Family("dense", "attention", DenseAttention, cost=cost, shapes=("model", "attention"),
                 prunable=PRUNABLE)

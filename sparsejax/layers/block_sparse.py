@@ -27,7 +27,7 @@ from kernels_pallas.block_sparse_attention.masks import Mask, parse_mask
 from kernels_pallas.block_sparse_attention.ops import block_sparse_attention, resolve_impl
 from sparsejax.errors import ConfigError
 from sparsejax.layers import kernel_impl
-from sparsejax.layers.attention import PRUNABLE, DenseAttention
+from sparsejax.layers.attention import PRUNABLE, DenseAttention, matmul_params
 from sparsejax.layers.family import Family, LayerCost
 from sparsejax.parallel.sharding import active_mesh_rules, logical_spec
 
@@ -132,7 +132,8 @@ def check(cfg) -> None:
 
 
 def cost(layer: BlockSparseAttention, seq_len: int) -> LayerCost:
-  return LayerCost(attention_flops=layer.attention_flops_per_token(seq_len))
+  return LayerCost(active_params=matmul_params(layer),
+                   attention_flops=layer.attention_flops_per_token(seq_len))
 
 
 FAMILY = Family("block_sparse", "attention", BlockSparseAttention, check=check, cost=cost,

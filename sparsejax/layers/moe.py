@@ -8,7 +8,9 @@ segmentation), granularity G: every base expert is cut into G experts of width d
 layer routes over E*G of them and a token picks k*G, so the expert parameters (total and active)
 equal the G=1 model's; only the router grows to d_model x E*G. Shared experts are always on and
 keep their G=1 width: S shared experts are one SwiGLU of hidden size S * d_expert (the sum of S
-SwiGLUs is exactly that). ``sizes(cfg)`` gives the (experts, per token, width) the layer runs.
+SwiGLUs is exactly that); ``shared_expert_gate`` (Qwen2-MoE) multiplies their output by
+sigmoid(x . w_Dx1). ``sizes(cfg)`` gives the (experts, per token, width) the layer runs; the
+section, ``sizes`` and ``check`` live in sparsejax/layers/moe_config.py.
 Routed experts are stored stacked: ``w_gate_ExDxF`` / ``w_up_ExDxF`` / ``w_down_ExFxD`` with
 E, F the effective values and logical axes ("experts", "embed", "expert_mlp").
 
@@ -65,7 +67,6 @@ scope), router z-loss, Shazeer importance / load CV^2. Sown metrics per layer: e
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 
@@ -74,60 +75,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sparsejax.config import ConfigError, field
 from sparsejax.layers import kernel_impl, routers
 from sparsejax.layers.common import DTYPES, param, sow
 from sparsejax.layers.ffn import ACTIVATIONS
 from sparsejax.layers.family import Family, LayerCost, Prunable
+from sparsejax.layers.moe_config import MoEConfig, base_width, check, sizes
 from sparsejax.layers.moe_dispatch import (capacity, capacity_local, dropless, dropless_sharded,
                                            ep_mesh, expert_choice_local)
 from sparsejax.parallel.sharding import constrain
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-  """``config.moe``."""
-  num_experts: int = field(8, shapes=True)  # base (G=1) routed experts; the layer has E * G
-  top_k: int = 2                 # base experts per token (token choice; hash: = num_hashes)
-  granularity: int = field(1, shapes=True)  # G: E*G experts of width d_expert/G, top k*G
-  d_expert: int = field(0, shapes=True)     # base (G=1) expert width; 0: d_ff
-  num_shared_experts: int = field(0, shapes=True)  # always-on experts of the base width
-  router: str = field("token_choice", "token_choice", "noisy_token_choice", "expert_choice",
-                      "hash", shapes=True)
-  score_fn: str = field("softmax", "softmax", "sigmoid")
-  renormalize: bool = True       # renormalise the top-k gates to sum to 1
-  hash_type: str = field("random", "random", "balanced")
-  num_hashes: int = field(1, shapes=True)  # MultiHash: h hashes pick one expert's h segments
-  hash_seed: int = 0             # random hash table seed (+ layer index)
-  hash_vocab_size: int = 0       # table rows (ids taken modulo); 0: model.vocab_size or 65536
-  hash_frequencies: str = ""     # balanced: .npy of per-token-id counts; "" = uniform
-  dispatch: str = field("capacity", "capacity", "dropless")
-  capacity_factor: float = 1.25  # capacity per expert and sequence: ceil(cf * seq * k / E)
-  load_balance_loss: float = 0.01
-  load_balance_scope: str = field("micro_batch", "micro_batch", "global_batch")
-  router_z_loss: float = 1e-3
-  importance_loss: float = 0.0   # Shazeer 2017 CV^2 of the summed gates
-  load_loss: float = 0.0         # Shazeer 2017 smooth load CV^2 (needs noisy_token_choice)
-  bias_balancing: bool = field(False, shapes=True)  # DeepSeek-V3 aux-loss-free selection bias
-  bias_update_rate: float = 1e-3
-  # dropless grouped matmuls: "xla" (jax.lax.ragged_dot) | "pallas" (kernels_pallas grouped
-  # matmul on GPU, interpret mode on CPU, ragged_dot on TPU) | "interpret"
-  impl: str = field("xla", "xla", "pallas", "interpret")
-
-
-def base_width(cfg) -> int:
-  """Hidden width of a granularity-1 expert (and of each shared expert)."""
-  return cfg.moe.d_expert or cfg.d_ff
-
-
-def sizes(cfg) -> tuple[int, int, int]:
-  """(routed experts, routed experts per token, their width) the layer runs: granularity G gives
-  E*G experts of width base / G, top k*G; MultiHash (h hashes) E*h segments of width base / h,
-  h per token. Every E / k / width used by the layer, its dispatch and its cost comes from here."""
-  m, f = cfg.moe, base_width(cfg)
-  split, k = (m.num_hashes, m.num_hashes) if m.router == "hash" else (m.granularity,
-                                                                      m.top_k * m.granularity)
-  return m.num_experts * split, k, f // split
 
 
 class MoE(nnx.Module):
@@ -166,6 +121,8 @@ class MoE(nnx.Module):
       self.shared_down_SxD = param(rngs, (s, d), ("mlp", "embed"), std=out_std, dtype=pdt)
     else:
       self.shared_gate_DxS = self.shared_up_DxS = self.shared_down_SxD = None
+    self.shared_expert_gate_Dx1 = (param(rngs, (d, 1), ("embed", None), std=std, dtype=pdt)
+                                   if m.shared_expert_gate else None)
     if m.router == "hash":
       vocab = m.hash_vocab_size or cfg.model.vocab_size or 65536
       self.hash_key = (m.hash_type, vocab, m.num_experts, m.num_hashes, m.hash_seed + layer_idx,
@@ -195,6 +152,7 @@ class MoE(nnx.Module):
     router = 0 if self.router_DxE is None else d * self.num_experts
     router += 0 if self.noise_DxE is None else d * self.num_experts
     shared = 0 if self.shared_gate_DxS is None else 3 * self.shared_gate_DxS.shape[1] * d
+    shared += 0 if self.shared_expert_gate_Dx1 is None else d
     return int(router + self.experts_per_token(seq_len) * 3 * d * f + shared)
 
   def summary(self, seq_len: int) -> dict:
@@ -297,7 +255,10 @@ class MoE(nnx.Module):
       h = self.act(jnp.einsum("btd,ds->bts", xs, self.shared_gate_DxS[...].astype(dt))) * \
           jnp.einsum("btd,ds->bts", xs, self.shared_up_DxS[...].astype(dt))
       h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-      y = y + jnp.einsum("bts,sd->btd", h, self.shared_down_SxD[...].astype(dt))
+      ys = jnp.einsum("bts,sd->btd", h, self.shared_down_SxD[...].astype(dt))
+      if self.shared_expert_gate_Dx1 is not None:
+        ys = ys * jax.nn.sigmoid(xs @ self.shared_expert_gate_Dx1[...].astype(dt))
+      y = y + ys
     aux = jnp.zeros((), jnp.float32)
     for name, value in losses.items():
       aux = aux + dict(self.coef)[name] * value
@@ -312,70 +273,6 @@ class MoE(nnx.Module):
     for name, value in metrics.items():
       sow(self, name, value)
     return y.astype(x_BxTxD.dtype)
-
-
-# ---- config checks (run by sparsejax.configure.validate when a layer is "moe") ----
-
-
-def check(cfg) -> None:
-  m = cfg.moe
-  if m.num_experts < 1:
-    raise ConfigError(f"config.moe.num_experts: must be >= 1, got {m.num_experts}")
-  if not 1 <= m.top_k <= m.num_experts:
-    raise ConfigError(f"config.moe.top_k: must be in [1, num_experts={m.num_experts}], "
-                      f"got {m.top_k}")
-  if m.d_expert < 0 or m.num_shared_experts < 0:
-    raise ConfigError("config.moe.d_expert / num_shared_experts: must be >= 0")
-  f = base_width(cfg)
-  if m.granularity < 1 or f % m.granularity:
-    raise ConfigError(f"config.moe.granularity: must be >= 1 and divide the base expert width "
-                      f"(d_expert or d_ff) {f}, got {m.granularity}")
-  if not m.capacity_factor > 0:
-    raise ConfigError(f"config.moe.capacity_factor: must be > 0, got {m.capacity_factor}")
-  for key in ("load_balance_loss", "router_z_loss", "importance_loss", "load_loss",
-              "bias_update_rate"):
-    if getattr(m, key) < 0:
-      raise ConfigError(f"config.moe.{key}: must be >= 0, got {getattr(m, key)}")
-  if sizes(cfg)[1] == 1 and m.renormalize and m.router in ("token_choice", "noisy_token_choice"):
-    raise ConfigError("config.moe.renormalize: with top_k=1 the renormalised gate is s/s = 1 "
-                      "for every token, so the router gets no task gradient; set "
-                      "config.moe.renormalize=False (Switch Transformer gates by the softmax "
-                      "probability)")
-  if m.load_loss and m.router != "noisy_token_choice":
-    raise ConfigError("config.moe.load_loss: the smooth load loss needs "
-                      "router='noisy_token_choice'; use load_balance_loss")
-  if m.router == "hash":
-    if not 1 <= m.num_hashes <= m.num_experts or m.top_k != m.num_hashes:
-      raise ConfigError(f"config.moe.num_hashes: must be in [1, num_experts] and equal top_k "
-                        f"(got num_hashes={m.num_hashes}, top_k={m.top_k})")
-    if f % m.num_hashes:
-      raise ConfigError(f"config.moe.num_hashes: MultiHash splits each expert into num_hashes "
-                        f"segments; {m.num_hashes} must divide the expert width {f}")
-    if m.granularity != 1:
-      raise ConfigError("config.moe.granularity: not defined for router='hash' (MultiHash "
-                        "segments experts by num_hashes instead); set granularity=1")
-  if m.bias_balancing and m.router not in ("token_choice", "noisy_token_choice"):
-    raise ConfigError("config.moe.bias_balancing: only for token-choice routers, got "
-                      f"router={m.router!r}")
-  if m.load_balance_scope == "global_batch" and cfg.train.grad_accum_steps > 1:
-    raise ConfigError("config.moe.load_balance_scope: 'global_batch' with grad_accum_steps > 1 "
-                      "needs the load over all micro-batches (not yet available); use "
-                      "micro_batch (identical when grad_accum_steps == 1)")
-  if m.impl != "xla" and m.dispatch != "dropless" and m.router != "expert_choice":
-    raise ConfigError(f"config.moe.impl: {m.impl!r} is the grouped-matmul kernel of "
-                      "dispatch='dropless'; capacity dispatch is a batched einsum, set impl='xla'")
-  if m.impl != "xla" and m.router == "expert_choice":
-    raise ConfigError(f"config.moe.impl: {m.impl!r} applies to dropless token-choice / hash "
-                      "routing; expert_choice runs batched einsums, set impl='xla'")
-  if cfg.mesh.expert > 1:
-    e = sizes(cfg)[0]
-    if e % cfg.mesh.expert:
-      raise ConfigError(f"config.moe.num_experts: the layer's {e} routed experts (num_experts x "
-                        f"granularity or num_hashes) must be divisible by "
-                        f"mesh.expert={cfg.mesh.expert}")
-    if m.dispatch != "capacity" and m.router != "expert_choice":
-      raise ConfigError("config.moe.dispatch: expert parallelism (mesh.expert > 1) needs "
-                        "dispatch='capacity'")
 
 
 def cost(layer: MoE, seq_len: int) -> LayerCost:
