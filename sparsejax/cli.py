@@ -9,6 +9,7 @@
     sparsejax sparsity --workdir runs/t [--step N]   densities / N:M check of a checkpoint, JSON
     sparsejax background --workdir runs/m [--batches 100]  slot statistics for sparse_memory
     sparsejax convert  --from-hf DIR --out W | --to-hf W --out DIR [--step N]   Hugging Face
+    sparsejax upcycle  --from W[:STEP] --config configs/moe.py:P --out W2 [--mode copy|granular]
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ COMMANDS = {
     "sparsity": "sparsejax.eval.sparsity_check",
     "background": "sparsejax.finetune.background",
     "convert": "sparsejax.convert.__main__",
+    "upcycle": "sparsejax.upcycle.__main__",
 }
 # Commands whose module parses its own arguments (argparse): main(argv) -> exit status.
-ARGPARSE = {"fit", "sparsity", "convert"}
+ARGPARSE = {"fit", "sparsity", "convert", "upcycle"}
 REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"], "info": ["config"],
             "background": ["workdir"]}
 
