@@ -8,10 +8,19 @@ PYTHON ?= $(shell if PYENV_VERSION=3.12.1 python3 -c 'import sys; assert sys.ver
 
 .PHONY: setup demo test clean
 
+# The GPU compiler (CUDA PJRT plugin wheels only, no CUDA libraries): tests/test_gpu_compile.py
+# compiles every Pallas GPU kernel to a cubin for an H100 target on this CPU-only machine.
+GPU_COMPILER ?= .gpu-compiler
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PYBIN) -m pip install -q --upgrade pip
 	$(PYBIN) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+$(GPU_COMPILER)/.installed: constraints.txt $(VENV)/.installed
+	rm -rf $(GPU_COMPILER)
+	$(PYBIN) -m pip install -q --no-deps -c constraints.txt --target $(GPU_COMPILER) jax-cuda13-plugin jax-cuda13-pjrt
 	touch $@
 
 setup: $(VENV)/.installed
@@ -19,9 +28,9 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PYBIN) -m sparsejax.demo --workdir $(WORKDIR)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(GPU_COMPILER)/.installed
 	$(VENV)/bin/lint-imports --no-cache
 	$(PYBIN) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(GPU_COMPILER) runs .pytest_cache

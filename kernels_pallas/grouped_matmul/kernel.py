@@ -76,6 +76,15 @@ def _compiler_params(cfg: KernelConfig):
       num_warps=cfg.num_warps or (8 if big else 4), num_stages=cfg.num_stages or 3))
 
 
+def _trips_if(nonempty, trips):
+  """``trips`` where ``nonempty`` else 0, as an int32 loop bound. Not ``jnp.where(c, n, 0)``:
+  the Pallas Triton lowering (jax 0.11.2) types a weakly typed Python-scalar branch of a scalar
+  select like the predicate (i1), so the bound became an i1 next to the i32 lower bound and
+  Triton rejected the loop ('scf.for' op failed to verify that all of {lowerBound, upperBound,
+  step} have same type). A bool -> int32 cast times the count lowers to plain i32 arithmetic."""
+  return nonempty.astype(jnp.int32) * trips
+
+
 def _full_spec(x):
   """The whole (1-D metadata) array for every program."""
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
@@ -130,7 +139,7 @@ def _gmm_kernel(start_ref, end_ref, first_ref, count_ref, lhs_ref, rhs_ref, out_
     lo = jnp.maximum(start_ref[g], row0)
     hi = jnp.minimum(end_ref[g], row0 + bm)
     in_group = jnp.logical_and(rows >= lo, rows < hi)       # [bm, bk], invariant in the K loop
-    num_k = jnp.where(hi > lo, num_k_tiles, 0)
+    num_k = _trips_if(hi > lo, num_k_tiles)
 
     def k_body(kk, acc):
       k0 = pl.multiple_of(kk * bk, bk)
@@ -191,7 +200,7 @@ def _tgmm_kernel(order_ref, start_ref, end_ref, lhs_ref, dout_ref, out_ref, *,
   lo = start_ref[g]
   hi = end_ref[g]
   tile0 = lo // bm
-  num_tiles = jnp.where(hi > lo, (hi + bm - 1) // bm - tile0, 0)
+  num_tiles = _trips_if(hi > lo, (hi + bm - 1) // bm - tile0)
   iota_k = lax.broadcasted_iota(jnp.int32, (bm, bk), 0)
   iota_n = lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
 
