@@ -42,9 +42,9 @@ def validate(raw: ml_collections.ConfigDict | dict) -> Config:
   _check_sparsity_targets(cfg)
   _check_finetune(cfg)
   ffn.check_activation(cfg)  # config.ffn.activation(_topk): read by dense and MoE layers
-  if cfg.data.synthfacts_facts:
+  if cfg.data.synthfacts_facts or cfg.data.synthfacts_offset:
     synthfacts.check(cfg.data.synthfacts_facts, cfg.data.synthfacts_fraction,
-                     cfg.data.synthfacts_seed)
+                     cfg.data.synthfacts_seed, cfg.data.synthfacts_offset)
   return cfg
 
 

@@ -74,7 +74,7 @@ FILE_CPU_S = {
     "test_pk_topk_kernel.py": 35, "test_optim_groups.py": 35, "test_extension_hooks.py": 35,
     "test_golden_losses.py": 30, "test_moe_fidelity.py": 30, "test_grouped_matmul_kernel.py": 30,
     "test_family_registry.py": 25, "test_block_masks.py": 15, "test_splash_bridge.py": 15,
-    "test_block_sparse_dispatch.py": 10, "test_config.py": 10, "test_synthfacts.py": 10,
+    "test_block_sparse_dispatch.py": 10, "test_config.py": 10, "test_synthfacts.py": 12,
     "test_scaling_fit.py": 10, "test_launch.py": 5, "test_data.py": 5, "test_memory_whiten.py": 5,
     "test_scaling_inputs.py": 5, "test_architecture.py": 5, "test_sparsity_run.py": 45,
     "test_activation_sparsity.py": 30, "test_sparsity_laws.py": 20, "test_sparsity_masks.py": 15,

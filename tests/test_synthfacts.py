@@ -4,6 +4,7 @@ ranking eval (hand example, stub scorer, the real score step against a direct co
 and one-line errors for bad settings."""
 
 import filecmp
+import hashlib
 import json
 import math
 import shutil
@@ -23,6 +24,7 @@ from sparsejax.data.tokenizers import ByteTokenizer
 from sparsejax.errors import ConfigError
 from sparsejax.eval import synthfacts as esf
 from sparsejax.models.transformer import build_model
+from sparsejax.train.loop import write_start_checkpoint
 
 TOK = ByteTokenizer()
 
@@ -84,6 +86,67 @@ def test_held_out_questions_never_occur_in_training_text():
   # of (fact, training template) pairs are rendered in 8 repetitions
   train = sf.eval_items(facts, held_out=False)
   assert sum(item.prompt in text for item in train) >= 0.85 * len(train)
+
+
+# The offset-0 generator's output (facts of make_facts(100, 3) and two repetitions of their
+# training documents) as it was before offsets existed: datasets and cache keys are unchanged.
+OFFSET0_SHA1 = "696af05c555f3705240aaf7de3b99ba78d53dba5"
+
+
+def test_offset_zero_is_the_generator_as_it_was():
+  f = sf.make_facts(100, 3, offset=0)
+  docs = sf.training_documents(f, np.random.default_rng(7), repetitions=2)
+  key = json.dumps([[f.fact(i) for i in range(100)], f.values, docs])
+  assert hashlib.sha1(key.encode()).hexdigest() == OFFSET0_SHA1
+  assert sf._settings(64, 0.3, 0, 0) == sf._settings(64, 0.3, 0)  # pylint: disable=protected-access
+  assert "offset" not in sf._settings(64, 0.3, 0)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("n_a", [64, 60])  # a multiple of the relation count, and not
+def test_offset_sets_are_disjoint_and_share_the_candidates(n_a):
+  a, b = sf.make_facts(n_a, 0), sf.make_facts(64, 0, offset=n_a)
+  names_a = {a.fact(i)[0] for i in range(a.num_facts)}
+  names_b = {b.fact(j)[0] for j in range(b.num_facts)}
+  assert len(names_b) == math.ceil((n_a + 64) / 8) - n_a // 8
+  assert not names_a & names_b
+  assert min(map(len, names_b)) > max(map(len, names_a))  # 3 syllables: never an offset-0 name
+  words = {w for vs in a.values.values() for w in vs}
+  assert not {n.lower() for n in names_b} & words
+  assert b.values == a.values  # the same candidates: an eval ranks the same words
+  relations = [b.fact(j)[1] for j in range(8)]
+  assert relations == [list(sf.RELATIONS)[(n_a + j) % 8] for j in range(8)]
+  items = sf.eval_items(b, held_out=False)
+  assert [it.fact for it in items[::4]] == list(range(n_a, n_a + 64))
+  docs = sf.training_documents(b, np.random.default_rng(0))
+  assert all(sf.is_fact_text(d) for d in docs) and not any(n in " ".join(docs) for n in names_a)
+
+
+def test_fact_i_is_the_same_whatever_the_offset():
+  b = sf.make_facts(64, 0, offset=64)
+  longer = sf.make_facts(200, 0, offset=64)
+  later = sf.make_facts(40, 0, offset=100)  # another offset: another base set's value words
+  for j in range(64):
+    assert b.fact(j) == longer.fact(j)
+  for i in range(100, 128):
+    assert b.fact(i - 64)[:2] == later.fact(i - 100)[:2]
+    assert b.value_idx[i - 64] == later.value_idx[i - 100]
+  assert sf.make_facts(64, 1, offset=64).entities != b.entities  # the seed still matters
+
+
+def test_mixed_dataset_of_an_offset_holds_only_its_facts(base, tmp_path):
+  a = sf.mixed_dataset(base, 16, 0.3, 0, out=tmp_path / "a")
+  b = sf.mixed_dataset(base, 16, 0.3, 0, out=tmp_path / "b", offset=16)
+  assert read_metadata(b)["synthfacts"]["settings"]["offset"] == 16
+  assert "offset" not in read_metadata(a)["synthfacts"]["settings"]
+  assert position.dataset_fingerprint(TokenDataset(a)) != position.dataset_fingerprint(
+      TokenDataset(b))
+  facts = sf.make_facts(16, 0, offset=16)
+  texts = [TOK.decode(d) for d in _documents(b)]
+  rendered = {sf.render(t, e, v) for e, r, v in map(facts.fact, range(16))
+              for t in sf.RELATIONS[r][0]}
+  assert {t for t in texts if sf.is_fact_text(t)} <= rendered
+  assert sf.mixed_dir(base, 16, 0.3, 0, 16).name.startswith("base-synthfacts16+16-")
+  assert sf.mixed_dir(base, 16, 0.3, 0) != sf.mixed_dir(base, 16, 0.3, 0, 16)
 
 
 # ------------------------------------------------------------------------------ mixing
@@ -168,6 +231,15 @@ def test_bad_settings_are_one_line_config_errors(overrides, key):
   assert str(e.value).startswith(key + ":") and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("facts,offset", [(8, -8), (8, sf.MAX_FACTS - 4), (0, 16)])
+def test_bad_offsets_are_one_line_config_errors(facts, offset):
+  """Refused at validation, before any dataset is built."""
+  with pytest.raises(ConfigError) as e:
+    load_config("configs/dense.py:tiny", **{"data.synthfacts_facts": facts,
+                                            "data.synthfacts_offset": offset})
+  assert str(e.value).startswith("config.data.synthfacts_offset:") and "\n" not in str(e.value)
+
+
 def test_a_fraction_too_small_for_every_fact_is_refused(base, tmp_path):
   with pytest.raises(ConfigError, match="^config.data.synthfacts_fraction: 0.001 gives"):
     sf.mixed_dataset(base, 800, 0.001, 0, out=tmp_path / "m")
@@ -230,3 +302,24 @@ def test_score_step_is_the_continuation_log_probability():
   alone = np.asarray(jax.jit(esf.make_score_step(graphdef))(
       params, {k: np.repeat(v[3:4], 8, axis=0) for k, v in batch.items()}))
   assert alone[0] == pytest.approx(got[3], rel=1e-5, abs=1e-5)
+
+
+def test_the_eval_asks_about_any_fact_range(base, tmp_path, monkeypatch, one_device):
+  """--task synthfacts: the run's own range by default, or --facts N --offset K (drawn with the
+  run's seed); the ranking itself is stubbed (tested above)."""
+  monkeypatch.setenv("SPARSEJAX_DATA_DIR", str(tmp_path / "root"))
+  cfg = load_config("configs/dense.py:tiny", **{
+      "data.path": str(base), "data.synthfacts_facts": 16, "data.synthfacts_offset": 16,
+      "data.synthfacts_fraction": 0.3, "data.synthfacts_seed": 2})
+
+  def init_params(spec, shardings):
+    return jax.device_put(nnx.to_pure_dict(nnx.split(build_model(cfg, spec.vocab_size))[1]),
+                          shardings)
+  write_start_checkpoint(cfg, tmp_path / "run", init_params, one_device)
+  asked = []
+  monkeypatch.setattr(esf, "recall", lambda score_fn, facts, *a, **k: asked.append(facts) or {})
+  own = esf.evaluate(tmp_path / "run", devices=one_device)
+  earlier = esf.evaluate(tmp_path / "run", facts=16, offset=0, devices=one_device)
+  assert (own["facts"], own["offset"], earlier["facts"], earlier["offset"]) == (16, 16, 16, 0)
+  for got, want in zip(asked, (sf.make_facts(16, 2, offset=16), sf.make_facts(16, 2))):
+    assert [got.fact(j) for j in range(16)] == [want.fact(j) for j in range(16)]

@@ -90,6 +90,9 @@ class DataConfig:
   synthfacts_facts: int = 0      # (entity, relation) facts; 0 = off
   synthfacts_fraction: float = 0.4  # fraction of training tokens that are fact text, in (0, 1)
   synthfacts_seed: int = 0       # draws the facts and their training renderings
+  # the facts [offset, offset + synthfacts_facts): K > 0 continues the K-fact set with new
+  # entities and the same candidate values (disjoint sets for continual learning)
+  synthfacts_offset: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,12 @@ _DATA_KEYS = {"global_batch_size": "config.data.global_batch_size",
 def resolve_dataset(cfg) -> pathlib.Path:
   """The prepared dataset of ``cfg.data`` (the embedded corpus, prepared on first use, when
   ``data.path`` is empty); a one-line FileNotFoundError when the path holds no dataset. With
-  ``data.synthfacts_facts`` > 0: that dataset with synthetic facts mixed into its train split
-  (built and cached on first use, sparsejax/data/synthfacts.py)."""
+  ``data.synthfacts_facts`` > 0: that dataset with the synthetic facts ``[synthfacts_offset,
+  synthfacts_offset + synthfacts_facts)`` mixed into its train split (built and cached on first
+  use, sparsejax/data/synthfacts.py)."""
   d = cfg.data
-  synthfacts.check(d.synthfacts_facts, d.synthfacts_fraction, d.synthfacts_seed)
+  synthfacts.check(d.synthfacts_facts, d.synthfacts_fraction, d.synthfacts_seed,
+                   d.synthfacts_offset)
   if d.path:
     path = pathlib.Path(d.path).expanduser()
     if not (path / "metadata.json").exists():
@@ -40,7 +42,7 @@ def resolve_dataset(cfg) -> pathlib.Path:
   if not d.synthfacts_facts:
     return path
   return synthfacts.mixed_dataset(path, d.synthfacts_facts, d.synthfacts_fraction,
-                                  d.synthfacts_seed)
+                                  d.synthfacts_seed, offset=d.synthfacts_offset)
 
 
 def dataset_fingerprint(ds: TokenDataset) -> str:

@@ -6,6 +6,17 @@ own :data:`VALUES_PER_RELATION` candidate values (random lowercase words, distin
 relations), and every fact draws one of them uniformly. Fact ``i`` is entity ``i // R``,
 relation ``i % R`` (``R = len(RELATIONS)``), so ``num_facts`` need not be a multiple of R.
 
+Disjoint fact sets (``offset`` K > 0, ``config.data.synthfacts_offset``): the facts
+``[K, K + num_facts)`` continue the K-fact set of a run with ``synthfacts_facts = K`` (same seed):
+they share its candidate values per relation (so an eval ranks the same words), while their
+entities are new three-syllable names (never a name or value word of any offset-0 set, whose
+words have two syllables) and their value indices are new draws. Entity names and value indices
+beyond K depend only on the seed and the fact index, never on K or ``num_facts``: two ranges with
+the same offset agree on every fact they share, and set A = (offset 0, K facts) and set B =
+(offset K, N facts) never share an entity, whether or not K is a multiple of R. The offset-0
+generator is today's (same facts, same datasets and cache keys); its draws depend on
+``num_facts``, so (offset 0, K + N facts) is another set than A + B: evaluate the two ranges.
+
 Every relation has TRAINING paraphrase templates (rendered into the training text) and
 HELD-OUT question templates (used only by the eval, sparsejax/eval/synthfacts.py). Every
 template ends with `` {v}.``: the prompt is the text before the value (trailing space
@@ -28,6 +39,7 @@ eval loss ("background loss") is comparable with runs without facts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -83,13 +95,18 @@ _SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]
 NAME_SPACE = len(_SYLLABLES) ** 2 * (1 + len(_FINALS))
 MAX_ENTITIES = 20_000  # leaves room for the 8 x 16 value words in the same space
 MAX_FACTS = MAX_ENTITIES * len(RELATIONS)
+# the entities beyond an offset: three syllables plus an optional final ("Bakoru", "Bakorul")
+LONG_NAME_SPACE = len(_SYLLABLES) ** 3 * (1 + len(_FINALS))
 
 
-def _name(i: int) -> str:
+def _name(i: int, syllables: int = 2) -> str:
   n = len(_SYLLABLES)
-  final, rest = divmod(int(i), n * n)
-  return _SYLLABLES[rest // n] + _SYLLABLES[rest % n] + ("" if final == 0 else
-                                                           _FINALS[final - 1])
+  final, rest = divmod(int(i), n ** syllables)
+  word = ""
+  for _ in range(syllables):
+    rest, s = divmod(rest, n)
+    word = _SYLLABLES[s] + word
+  return word + ("" if final == 0 else _FINALS[final - 1])
 
 
 def _pieces(template: str) -> list[str]:
@@ -116,22 +133,26 @@ _check_templates()
 
 @dataclasses.dataclass(frozen=True)
 class Facts:
-  """``entities[e]``, ``values[relation]`` (the candidates), and per fact i (entity i // R,
-  relation i % R) the index ``value_idx[i]`` into its relation's candidates."""
+  """The facts ``[offset, offset + num_facts)``: ``values[relation]`` (the candidates), and per
+  fact ``j`` of the set (global index ``i = offset + j``: entity ``i // R``, relation ``i % R``)
+  the index ``value_idx[j]`` into its relation's candidates; ``entities`` are the names of the
+  entities ``offset // R`` onwards."""
   entities: tuple[str, ...]
   values: dict[str, tuple[str, ...]]
   value_idx: np.ndarray
   seed: int
+  offset: int = 0
 
   @property
   def num_facts(self) -> int:
     return len(self.value_idx)
 
-  def fact(self, i: int) -> tuple[str, str, str]:
-    """(entity, relation, value) of fact i."""
+  def fact(self, j: int) -> tuple[str, str, str]:
+    """(entity, relation, value) of the set's fact j (global index offset + j)."""
+    i = self.offset + j
     relation = list(RELATIONS)[i % len(RELATIONS)]
-    return (self.entities[i // len(RELATIONS)], relation,
-            self.values[relation][int(self.value_idx[i])])
+    return (self.entities[i // len(RELATIONS) - self.offset // len(RELATIONS)], relation,
+            self.values[relation][int(self.value_idx[j])])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,15 +163,21 @@ class EvalItem:
   prompt: str
   gold: int
   candidates: tuple[str, ...]
-  fact: int
+  fact: int  # the global fact index (offset + j)
   template: str
 
 
-def check(facts: int, fraction: float, seed: int = 0) -> None:
+def check(facts: int, fraction: float, seed: int = 0, offset: int = 0) -> None:
   """One-line ConfigErrors for settings the generator cannot honour."""
   if not 0 <= facts <= MAX_FACTS:
     raise ConfigError(f"config.data.synthfacts_facts: {facts} must be in [0, {MAX_FACTS}] "
                       f"({MAX_ENTITIES} entities x {len(RELATIONS)} relations); 0 = off")
+  if offset < 0 or offset + facts > MAX_FACTS:
+    raise ConfigError(f"config.data.synthfacts_offset: {offset} must be >= 0 with offset + "
+                      f"synthfacts_facts ({offset + facts}) <= {MAX_FACTS}")
+  if offset and not facts:
+    raise ConfigError(f"config.data.synthfacts_offset: {offset} needs "
+                      "config.data.synthfacts_facts > 0 (the facts [offset, offset + facts))")
   if not 0.0 < fraction < 1.0:
     raise ConfigError(f"config.data.synthfacts_fraction: {fraction} must be in (0, 1) (the "
                       "fraction of training tokens that are fact text)")
@@ -158,9 +185,17 @@ def check(facts: int, fraction: float, seed: int = 0) -> None:
     raise ConfigError(f"config.data.synthfacts_seed: {seed} must be >= 0")
 
 
-def make_facts(num_facts: int, seed: int) -> Facts:
-  """``num_facts`` facts over ``ceil(num_facts / R)`` entities, deterministic in ``seed``."""
-  check(num_facts, 0.5, seed)
+def make_facts(num_facts: int, seed: int, offset: int = 0) -> Facts:
+  """The facts ``[offset, offset + num_facts)``, deterministic in ``seed`` (offset 0:
+  ``ceil(num_facts / R)`` entities; offset K > 0: the continuation of the K-fact set, see the
+  module docstring)."""
+  check(num_facts, 0.5, seed, offset)
+  if offset:
+    values = make_facts(offset, seed).values
+    names, value_idx = _continuation(seed)
+    first, last = offset // len(RELATIONS), (offset + num_facts - 1) // len(RELATIONS)
+    return Facts(tuple(names[first:last + 1]), values,
+                 value_idx[offset:offset + num_facts].copy(), seed, offset)
   rng = np.random.default_rng([seed, GENERATOR_VERSION])
   num_entities = -(-num_facts // len(RELATIONS))
   num_values = VALUES_PER_RELATION * len(RELATIONS)
@@ -171,6 +206,17 @@ def make_facts(num_facts: int, seed: int) -> Facts:
             for k, r in enumerate(RELATIONS)}
   value_idx = rng.integers(0, VALUES_PER_RELATION, size=num_facts)
   return Facts(entities, values, value_idx, seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _continuation(seed: int) -> tuple[tuple[str, ...], np.ndarray]:
+  """Every possible entity name and value index beyond an offset (a function of the seed only):
+  ``MAX_ENTITIES`` distinct three-syllable names and ``MAX_FACTS`` indices."""
+  rng = np.random.default_rng([seed, GENERATOR_VERSION, 2])
+  ids = rng.choice(LONG_NAME_SPACE, size=MAX_ENTITIES, replace=False)
+  value_idx = rng.integers(0, VALUES_PER_RELATION, size=MAX_FACTS)
+  value_idx.setflags(write=False)
+  return tuple(_name(i, 3).capitalize() for i in ids), value_idx
 
 
 def split_template(template: str, entity: str) -> str:
@@ -204,7 +250,7 @@ def eval_items(facts: Facts, held_out: bool = True) -> list[EvalItem]:
     candidates = facts.values[relation]
     for template in RELATIONS[relation][0 if not held_out else 1]:
       items.append(EvalItem(split_template(template, entity), candidates.index(value),
-                            candidates, i, template))
+                            candidates, facts.offset + i, template))
   return items
 
 
@@ -221,40 +267,46 @@ _FACT_RE = re.compile("|".join(
 # --------------------------------------------------------------------------------------------
 # The mixed dataset.
 
-def _settings(facts: int, fraction: float, seed: int) -> dict:
-  return {"facts": int(facts), "fraction": float(fraction), "seed": int(seed),
-          "version": GENERATOR_VERSION}
+def _settings(facts: int, fraction: float, seed: int, offset: int = 0) -> dict:
+  """The mixed dataset's settings (cache key, fingerprint); ``offset`` only when set, so the
+  keys of offset-0 datasets are those they always had."""
+  out = {"facts": int(facts), "fraction": float(fraction), "seed": int(seed),
+         "version": GENERATOR_VERSION}
+  return {**out, "offset": int(offset)} if offset else out
 
 
-def mixed_dir(base: pathlib.Path, facts: int, fraction: float, seed: int) -> pathlib.Path:
+def mixed_dir(base: pathlib.Path, facts: int, fraction: float, seed: int,
+              offset: int = 0) -> pathlib.Path:
   """Where the mixed dataset of ``base`` and these settings is cached (under the data root)."""
   meta = read_metadata(base)
   key = json.dumps({"base": str(base.resolve()), "tokenizer": meta["tokenizer"],
-                    "splits": meta["splits"], **_settings(facts, fraction, seed)},
+                    "splits": meta["splits"], **_settings(facts, fraction, seed, offset)},
                    sort_keys=True)
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-  return data_root() / f"{base.name}-synthfacts{facts}-{digest}"
+  count = f"{offset}+{facts}" if offset else f"{facts}"
+  return data_root() / f"{base.name}-synthfacts{count}-{digest}"
 
 
 def mixed_dataset(base: str | os.PathLike, facts: int, fraction: float, seed: int,
-                  out: str | os.PathLike | None = None) -> pathlib.Path:
-  """The prepared dataset of ``base`` with facts mixed into its training split (built on first
-  use, then reused; see the module docstring). Returns its folder."""
-  check(facts, fraction, seed)
+                  out: str | os.PathLike | None = None, offset: int = 0) -> pathlib.Path:
+  """The prepared dataset of ``base`` with the facts ``[offset, offset + facts)`` mixed into its
+  training split (built on first use, then reused; see the module docstring). Returns its
+  folder."""
+  check(facts, fraction, seed, offset)
   if facts < 1:
     raise ConfigError("config.data.synthfacts_facts: 0 means no facts; nothing to mix in")
   base = pathlib.Path(base).expanduser()
-  out = pathlib.Path(out) if out is not None else mixed_dir(base, facts, fraction, seed)
+  out = pathlib.Path(out) if out is not None else mixed_dir(base, facts, fraction, seed, offset)
+  settings = _settings(facts, fraction, seed, offset)
   meta = read_metadata(out)
-  if meta is not None and meta.get("synthfacts", {}).get("settings") == _settings(
-      facts, fraction, seed):
+  if meta is not None and meta.get("synthfacts", {}).get("settings") == settings:
     return out
   stale = out.exists()  # a partial or other-settings folder: replaced once the new one is built
   tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   try:
-    meta = _build_mixed(base, tmp, facts, fraction, seed)
+    meta = _build_mixed(base, tmp, facts, fraction, seed, offset)
     (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     _install(tmp, out, overwrite=stale)
   finally:
@@ -298,12 +350,12 @@ def _fact_stream(facts: Facts, rng, tok, corpus_tokens: int, fraction: float
 
 
 def _build_mixed(base: pathlib.Path, folder: pathlib.Path, facts_n: int, fraction: float,
-                 seed: int) -> dict:
+                 seed: int, offset: int = 0) -> dict:
   train = TokenDataset(base, "train")
   meta = dict(train.metadata)
   corpus = train.window(0, train.num_tokens)
-  facts = make_facts(facts_n, seed)
-  rng = np.random.default_rng([seed, GENERATOR_VERSION, 1])
+  facts = make_facts(facts_n, seed, offset)
+  rng = np.random.default_rng([seed, GENERATOR_VERSION, 1] + ([offset] if offset else []))
   fact_tokens, f_starts, f_ends, fact_bytes = _fact_stream(facts, rng, train.tokenizer,
                                                            train.num_tokens, fraction)
   c_starts, c_ends = _docs(corpus, train.eos_id)
@@ -331,7 +383,7 @@ def _build_mixed(base: pathlib.Path, folder: pathlib.Path, facts_n: int, fractio
     shutil.copyfile(base / train.tokenizer.file_name, folder / train.tokenizer.file_name)
   fact_count = int(f_ends[-1])
   meta.update(splits=splits, source=f"{meta.get('source')} + synthfacts ({base})",
-              synthfacts={"settings": _settings(facts_n, fraction, seed),
+              synthfacts={"settings": _settings(facts_n, fraction, seed, offset),
                           "fact_tokens": fact_count, "corpus_tokens": train.num_tokens,
                           "fact_docs": len(f_starts),
                           "achieved_fraction": fact_count / (fact_count + train.num_tokens)})

@@ -1,8 +1,10 @@
 """python -m sparsejax.eval --workdir DIR [--step N] [--data PATH] [--max_batches N] -> one JSON
 line, with a progress bar on stderr while it runs.
 
-``--task synthfacts [--max_items N]``: fact recall (acc@1, MRR) of a run trained with
-``config.data.synthfacts_facts`` (sparsejax/eval/synthfacts.py) instead of the loss.
+``--task synthfacts [--max_items N] [--facts N --offset K]``: fact recall (acc@1, MRR) of a run
+trained with ``config.data.synthfacts_facts`` (sparsejax/eval/synthfacts.py) instead of the loss:
+its own facts, or the range ``[K, K + N)`` drawn with its seed (continual learning: a fine-tuned
+run's earlier facts).
 
 Reads the multi-process environment like ``python -m sparsejax.train`` (see
 sparsejax.parallel.distributed); with several processes all evaluate, process 0 prints.
@@ -30,6 +32,10 @@ _TASK = flags.DEFINE_enum("task", "loss", ["loss", "synthfacts"], "loss: loss / 
                           "byte; synthfacts: fact recall of a run trained with synthetic facts")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 256, "synthfacts: questions per template set "
                                   "(held-out, training), drawn with a fixed seed")
+_FACTS = flags.DEFINE_integer("facts", None, "synthfacts: how many facts to ask about (default: "
+                              "the run's config.data.synthfacts_facts)")
+_OFFSET = flags.DEFINE_integer("offset", None, "synthfacts: the first fact's index (default: the "
+                               "run's config.data.synthfacts_offset)")
 
 
 def main(argv) -> None:
@@ -45,7 +51,8 @@ def main(argv) -> None:
     if _TASK.value == "synthfacts":
       from sparsejax.eval import synthfacts  # defers jax (see above)
       result = synthfacts.evaluate(_WORKDIR.value, step=_STEP.value, max_items=_MAX_ITEMS.value,
-                                   batch_size=_BATCH.value)
+                                   batch_size=_BATCH.value, facts=_FACTS.value,
+                                   offset=_OFFSET.value)
     else:
       from sparsejax.eval.checkpoint import evaluate  # defers jax (see above)
       result = evaluate(_WORKDIR.value, step=_STEP.value, data=_DATA.value,

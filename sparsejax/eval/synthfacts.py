@@ -1,7 +1,9 @@
 """Fact recall of a run trained with synthetic facts (``config.data.synthfacts_facts`` > 0):
-``python -m sparsejax.eval --workdir DIR --task synthfacts``.
+``python -m sparsejax.eval --workdir DIR --task synthfacts [--facts N --offset K]``.
 
-The facts are regenerated from the run's config (sparsejax/data/synthfacts.py). For each
+The facts are regenerated from the run's config (sparsejax/data/synthfacts.py): its own range
+``[synthfacts_offset, synthfacts_offset + synthfacts_facts)`` unless another range is asked for
+(a fine-tuned run's earlier facts, a pretrained run's facts still to come). For each
 question (a fact rendered with a template, up to the value) every candidate value of the
 fact's relation is scored by the summed log-probability of the continuation ``" " + value +
 "."`` after ``[eos] + prompt`` (the eos matches how fact documents start in the training
@@ -33,6 +35,7 @@ from sparsejax.eval.checkpoint import restore
 from sparsejax.errors import ConfigError
 from sparsejax.models.forward import token_losses
 from sparsejax.parallel import sharding as shd
+from sparsejax.train.init_from import Restored
 
 DEFAULT_MAX_ITEMS = 256   # questions per template set (held-out, training)
 DEFAULT_BATCH_ROWS = 256  # (question, candidate) rows per forward pass
@@ -125,34 +128,56 @@ def sample_items(items: list[sf.EvalItem], max_items: int | None) -> list[sf.Eva
   return [items[i] for i in keep]
 
 
-def evaluate(workdir: str | pathlib.Path, *, step: int | None = None,
-             max_items: int | None = DEFAULT_MAX_ITEMS, batch_size: int | None = None,
-             devices: list | None = None) -> dict:
-  """Fact recall of one checkpoint (see the module docstring): acc@1 / MRR on held-out and
-  training templates, with chance = 1 / candidates."""
-  r = restore(workdir, step, devices)
-  d = r.cfg.data
-  if not d.synthfacts_facts:
-    raise ConfigError(f"config.data.synthfacts_facts is 0 in {workdir}: the run was trained "
-                      "without synthetic facts; use --task loss, or train with "
-                      "--config.data.synthfacts_facts=N")
-  facts = sf.make_facts(d.synthfacts_facts, d.synthfacts_seed)
-  tokenizer = sdata.TokenDataset(pathlib.Path(r.meta["dataset"]), "train").tokenizer
+def make_scorer(r: Restored, batch_size: int | None = None) -> tuple[ScoreFn, int]:
+  """(score_fn, rows per batch) for a restored checkpoint: one jitted :func:`make_score_step`
+  on its mesh, rows rounded up to a multiple of the batch shards. The function reads
+  ``r.params`` when called, so a caller may swap in another checkpoint of the same model."""
   shards = shd.batch_shards(r.mesh, r.rules)
   rows = batch_size or DEFAULT_BATCH_ROWS
   rows = -(-rows // shards) * shards
   batch_sh = shd.batch_sharding(r.mesh, r.rules)
-  with shd.activation_sharding(r.mesh, r.rules):
-    step_fn = jax.jit(make_score_step(r.spec.graphdef),
-                      in_shardings=(r.param_shardings, batch_sh))
+  step_fn = jax.jit(make_score_step(r.spec.graphdef), in_shardings=(r.param_shardings, batch_sh))
 
-    def score_fn(batch):
+  def score_fn(batch):
+    with shd.activation_sharding(r.mesh, r.rules):
       return jax.device_get(step_fn(r.params, shd.global_batch(batch, batch_sh, rows)))
+  return score_fn, rows
 
-    result = {"step": r.step, "task": "synthfacts", "facts": facts.num_facts,
-              "candidates": sf.VALUES_PER_RELATION, "chance": 1.0 / sf.VALUES_PER_RELATION}
-    for name, held_out in (("heldout", True), ("train", False)):
-      items = sample_items(sf.eval_items(facts, held_out=held_out), max_items)
-      metrics = score_items(score_fn, items, tokenizer, d.seq_len, rows)
-      result.update({f"{name}_{k}": v for k, v in metrics.items()})
+
+def recall(score_fn: ScoreFn, facts: sf.Facts, tokenizer, seq_len: int, rows: int,
+           max_items: int | None = DEFAULT_MAX_ITEMS,
+           templates: Sequence[str] = ("heldout", "train")) -> dict:
+  """acc@1 / MRR / items of a fact set on the held-out (``heldout_*``) and / or training
+  (``train_*``) question templates."""
+  result = {}
+  for name in templates:
+    held_out = {"heldout": True, "train": False}[name]
+    items = sample_items(sf.eval_items(facts, held_out=held_out), max_items)
+    metrics = score_items(score_fn, items, tokenizer, seq_len, rows)
+    result.update({f"{name}_{k}": v for k, v in metrics.items()})
   return result
+
+
+def evaluate(workdir: str | pathlib.Path, *, step: int | None = None,
+             max_items: int | None = DEFAULT_MAX_ITEMS, batch_size: int | None = None,
+             devices: list | None = None, facts: int | None = None,
+             offset: int | None = None) -> dict:
+  """Fact recall of one checkpoint (see the module docstring): acc@1 / MRR on held-out and
+  training templates, with chance = 1 / candidates. ``facts`` / ``offset``: the fact range
+  ``[offset, offset + facts)`` to ask about, drawn with the run's ``synthfacts_seed`` (default:
+  the run's own range; e.g. the facts a later fine-tuning taught, or those it may have made the
+  model forget)."""
+  r = restore(workdir, step, devices)
+  d = r.cfg.data
+  num = d.synthfacts_facts if facts is None else facts
+  first = d.synthfacts_offset if offset is None else offset
+  if not num:
+    raise ConfigError(f"config.data.synthfacts_facts is 0 in {workdir}: the run was trained "
+                      "without synthetic facts; pass --facts N [--offset K] to ask about a "
+                      "fact range, use --task loss, or train with --config.data.synthfacts_facts=N")
+  fact_set = sf.make_facts(num, d.synthfacts_seed, first)
+  tokenizer = sdata.TokenDataset(pathlib.Path(r.meta["dataset"]), "train").tokenizer
+  score_fn, rows = make_scorer(r, batch_size)
+  return {"step": r.step, "task": "synthfacts", "facts": fact_set.num_facts, "offset": first,
+          "candidates": sf.VALUES_PER_RELATION, "chance": 1.0 / sf.VALUES_PER_RELATION,
+          **recall(score_fn, fact_set, tokenizer, d.seq_len, rows, max_items)}
