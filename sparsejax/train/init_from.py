@@ -66,6 +66,7 @@ def open_source(source: str | pathlib.Path, step: int | None = None
   """(checkpointer, committed step, its meta item) of ``"WORKDIR[:STEP]"`` (``step`` overrides
   the suffix), or a one-line error."""
   workdir, suffix = parse_source(str(source))
+  given = f"--step {step}" if step is not None else f"step {suffix} of {source}"
   step = suffix if step is None else step
   if not (workdir / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir} has no checkpoints/; train first with "
@@ -76,7 +77,7 @@ def open_source(source: str | pathlib.Path, step: int | None = None
     raise CheckpointError(f"no committed checkpoint in {ckpt.root}")
   step = committed[-1] if step is None else step
   if step not in committed:
-    raise CheckpointError(f"step {step} is not a committed checkpoint in {ckpt.root}; "
+    raise CheckpointError(f"{given} is not a committed checkpoint in {ckpt.root}; "
                           f"available: {committed}")
   return ckpt, step, ckpt.restore_meta(step)
 
