@@ -11,6 +11,8 @@ PYTHON ?= $(shell if PYENV_VERSION=3.12.1 python3 -c 'import sys; assert sys.ver
 # The GPU compiler (CUDA PJRT plugin wheels only, no CUDA libraries): tests/test_gpu_compile.py
 # compiles every Pallas GPU kernel to a cubin for an H100 target on this CPU-only machine.
 GPU_COMPILER ?= .gpu-compiler
+# The TPU compiler (libtpu only): tests/test_compile_check.py compiles train steps for TPU slices.
+TPU_COMPILER ?= .tpu-compiler
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +25,19 @@ $(GPU_COMPILER)/.installed: constraints.txt $(VENV)/.installed
 	$(PYBIN) -m pip install -q --no-deps -c constraints.txt --target $(GPU_COMPILER) jax-cuda13-plugin jax-cuda13-pjrt
 	touch $@
 
+$(TPU_COMPILER)/.installed: constraints.txt $(VENV)/.installed
+	rm -rf $(TPU_COMPILER)
+	$(PYBIN) -m pip install -q --no-deps -c constraints.txt --target $(TPU_COMPILER) libtpu
+	touch $@
+
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PYBIN) -m sparsejax.demo --workdir $(WORKDIR)
 
-test: $(VENV)/.installed $(GPU_COMPILER)/.installed
+test: $(VENV)/.installed $(GPU_COMPILER)/.installed $(TPU_COMPILER)/.installed
 	$(VENV)/bin/lint-imports --no-cache
 	$(PYBIN) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 clean:
-	rm -rf $(VENV) $(GPU_COMPILER) runs .pytest_cache
+	rm -rf $(VENV) $(GPU_COMPILER) $(TPU_COMPILER) runs .pytest_cache

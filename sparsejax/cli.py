@@ -10,6 +10,7 @@
     sparsejax background --workdir runs/m [--batches 100]  slot statistics for sparse_memory
     sparsejax convert  --from-hf DIR --out W | --to-hf W --out DIR [--step N]   Hugging Face
     sparsejax upcycle  --from W[:STEP] --config configs/moe.py:P --out W2 [--mode copy|granular]
+    sparsejax compile-check --config F:P --target v5p-256|h100x8|...  AOT compile, HBM fit (JSON)
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ COMMANDS = {
     "background": "sparsejax.finetune.background",
     "convert": "sparsejax.convert.__main__",
     "upcycle": "sparsejax.upcycle.__main__",
+    "compile-check": "sparsejax.compile_check.__main__",
 }
 # Commands whose module parses its own arguments (argparse): main(argv) -> exit status.
-ARGPARSE = {"fit", "sparsity", "convert", "upcycle"}
+ARGPARSE = {"fit", "sparsity", "convert", "upcycle", "compile-check"}
 REQUIRED = {"train": ["config", "workdir"], "eval": ["workdir"], "info": ["config"],
             "background": ["workdir"]}
 

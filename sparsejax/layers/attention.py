@@ -14,15 +14,17 @@ from flax import nnx
 
 from sparsejax.layers.common import DTYPES, RMSNorm, param, rope
 from sparsejax.layers.family import Family, LayerCost, Prunable
+from sparsejax.parallel import hardware
 from sparsejax.parallel.sharding import constrain
 
 
 def _resolve_impl(impl: str, dtype) -> str:
   """"auto": cuDNN flash attention on NVIDIA GPUs for 16-bit compute, XLA elsewhere.
-  (jax.nn.dot_product_attention's own default is XLA, which materialises B·H·T² scores.)"""
+  (jax.nn.dot_product_attention's own default is XLA, which materialises B·H·T² scores.) The
+  GPU is the target platform (sparsejax.parallel.hardware), the local device by default."""
   if impl != "auto":
     return impl
-  on_gpu = jax.devices()[0].platform == "gpu"
+  on_gpu = hardware.backend() == "gpu"
   return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 

@@ -6,12 +6,15 @@ kernels_pallas.block_sparse_attention.masks.parse_mask) compiles to a block layo
 sequence length seen at trace time (cached), bound to this layer's index so seeded masks
 (BigBird random blocks) differ per layer and head. The kernel is chosen by
 ``config.attention.sparse_impl``: Pallas on GPU, the pure-jnp block-sparse path elsewhere,
-``interpret`` runs the Pallas kernels on CPU.
+``interpret`` runs the Pallas kernels on CPU ("auto": splash on TPU, Pallas on GPU when Triton
+takes the block sizes, else the jnp path).
 
 ``attention.block_q`` / ``block_kv`` of 0 mean "auto": the block sizes (and the Triton
 num_warps / num_stages) come from ``kernels_pallas.block_sparse_attention.tuning.choose`` for
 the current device, head_dim and sequence length. On a GPU, causal bands that are dense enough
-(``dense_dispatch``) go to cuDNN's fused attention instead of the block-sparse kernel.
+(``dense_dispatch``) go to cuDNN's fused attention instead of the block-sparse kernel. "Current
+device" and "GPU" mean the target platform (sparsejax.parallel.hardware: the local device unless
+a compile target is set).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from flax import nnx
 from kernels_pallas.block_sparse_attention.layout import compile_layout
 from kernels_pallas.block_sparse_attention import tuning
 from kernels_pallas.block_sparse_attention.masks import Mask, parse_mask
-from kernels_pallas.block_sparse_attention.ops import block_sparse_attention, resolve_impl
+from kernels_pallas.block_sparse_attention.ops import block_sparse_attention, triton_supports
 from sparsejax.errors import ConfigError
 from sparsejax.layers import kernel_impl
 from sparsejax.layers.attention import PRUNABLE, DenseAttention, matmul_params
 from sparsejax.layers.family import Family, LayerCost
+from sparsejax.parallel import hardware
 from sparsejax.parallel.sharding import active_mesh_rules, logical_spec
 
 # Band limits at or beyond this magnitude stand for +-infinity (masks use 1 << 62).
@@ -80,12 +84,23 @@ class BlockSparseAttention(DenseAttention):
     """Block sizes and Triton launch parameters for ``seq_len``. A block of 0 in the config is
     taken from ``tuning.choose`` for the current device; explicit blocks are clipped to the
     sequence and keep the tuned num_warps / num_stages only when they equal the tuned blocks."""
-    tuned = tuning.choose(jax.devices()[0].device_kind, self.head_dim, seq_len)
+    tuned = tuning.choose(hardware.device_kind(), self.head_dim, seq_len)
     bq = tuned.block_q if self.block_q == 0 else min(self.block_q, seq_len)
     bkv = tuned.block_kv if self.block_kv == 0 else min(self.block_kv, seq_len)
     if (bq, bkv) != (tuned.block_q, tuned.block_kv):
       return tuning.BlockConfig(bq, bkv)
     return tuned
+
+  def resolved_impl(self, block_q: int, block_kv: int) -> str:
+    """``sparse_impl`` with "auto" resolved for the target backend: "splash" on TPU, "pallas"
+    on GPU when Triton takes the tiles, else "xla"."""
+    if self.sparse_impl != "auto":
+      return self.sparse_impl
+    backend = hardware.backend()
+    if backend == "tpu":
+      return "splash"
+    gpu_ok = backend == "gpu" and triton_supports(self.head_dim, block_q, block_kv)
+    return "pallas" if gpu_ok else "xla"
 
   def layout(self, seq_len: int):
     bc = self.block_config(seq_len)
@@ -100,16 +115,16 @@ class BlockSparseAttention(DenseAttention):
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
     bc = self.block_config(q.shape[1])
     layout = self.layout(q.shape[1])
-    dense = dense_dispatch(layout.mask, layout.density, jax.default_backend(), q.dtype)
+    dense = dense_dispatch(layout.mask, layout.density, hardware.backend(), q.dtype)
     if dense is not None:
       # Dense-enough causal band: cuDNN's fused kernel is the faster path (TARGETS: at density
       # > 0.5 never slower than 1.1x cuDNN).
       return self.project_out(jax.nn.dot_product_attention(q, k, v, **dense))
-    attend = functools.partial(block_sparse_attention, layout=layout, impl=self.sparse_impl,
+    impl = self.resolved_impl(layout.block_q, layout.block_kv)
+    attend = functools.partial(block_sparse_attention, layout=layout, impl=impl,
                                num_warps=bc.num_warps, num_stages=bc.num_stages)
     active = active_mesh_rules()
-    if active is not None and resolve_impl(self.sparse_impl, self.head_dim, layout.block_q,
-                                           layout.block_kv) != "xla":
+    if active is not None and impl != "xla":
       # A Pallas kernel is a custom call the partitioner cannot split: run it per batch shard.
       spec = logical_spec(("act_batch", None, None, None), q.shape)
       attend = kernel_impl.per_shard(attend, in_specs=(spec, spec, spec), out_specs=spec)

@@ -22,7 +22,7 @@ import logging
 
 import jax
 
-from sparsejax.parallel import sharding
+from sparsejax.parallel import hardware, sharding
 
 IMPLS = ("xla", "pallas", "interpret")
 
@@ -31,13 +31,14 @@ _warned: set = set()
 
 
 def resolve(impl: str, where: str) -> str:
-  """The kernel-op impl for config value ``impl`` on the default backend (``where`` names the
-  config key in messages, e.g. "config.memory.impl")."""
+  """The kernel-op impl for config value ``impl`` on the target backend
+  (sparsejax.parallel.hardware; the default backend unless a compile target is set; ``where``
+  names the config key in messages, e.g. "config.memory.impl")."""
   if impl not in IMPLS:
     raise ValueError(f"{where}: unknown impl {impl!r}; choose one of {IMPLS}")
   if impl != "pallas":
     return impl
-  backend = jax.default_backend()
+  backend = hardware.backend()
   if backend == "gpu":
     return "pallas"
   if backend == "cpu":

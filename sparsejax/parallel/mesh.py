@@ -202,13 +202,27 @@ def hybrid_device_array(shape: dict[str, int], devices: Sequence[Any]) -> np.nda
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Build the ([dcn,] data, fsdp, expert, tensor) mesh; one size may be -1 (all remaining
-  devices of a slice); a config.mesh.preset is resolved first."""
+  devices of a slice); a config.mesh.preset is resolved first.
+
+  Without a dcn axis the devices are placed by ``jax.make_mesh`` whatever list is given (the
+  local devices, a subset, or the compile-only devices of a target topology): on a TPU slice it
+  maps the logical axes onto the physical torus, on GPUs it orders by device id, elsewhere it
+  keeps the given order. So a mesh built from a target's devices (``sparsejax compile-check``)
+  has the device order a real run on that slice gets."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg, len(devices), num_granules(devices))
   names, sizes = tuple(shape), tuple(shape.values())
   auto = (jax.sharding.AxisType.Auto,) * len(names)
   if DCN_AXIS in shape:
     return Mesh(hybrid_device_array(shape, devices), names, axis_types=auto)
-  if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
-    return jax.make_mesh(sizes, names, axis_types=auto)
-  return Mesh(np.asarray(devices).reshape(sizes), names)
+  slices = num_granules(devices) if _granule_key(devices) == "slice_index" else 1
+  if slices > 1:
+    raise ValueError(f"config.mesh: the {len(devices)} devices form {slices} TPU slices; add "
+                     f"the dcn axis (config.mesh.preset=multislice, or config.mesh.dcn={slices})")
+  try:
+    return jax.make_mesh(sizes, names, axis_types=auto, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    raise ValueError(f"config.mesh: axis sizes {shape} do not map onto the physical topology "
+                     f"of these {len(devices)} {devices[0].device_kind} devices ({why}); "
+                     "choose sizes that match the slice's torus dimensions") from e
