@@ -15,11 +15,27 @@ from sparsejax.errors import CheckpointError, ConfigError
 EXPECTED_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, ValueError, RuntimeError)
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream of the first
+  call: commands run in-process (tests, notebooks) may have swapped and closed that one."""
+
+  def __init__(self):
+    super().__init__(sys.stderr)
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value) -> None:
+    del value
+
+
 def setup_logging(level: int = logging.INFO) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax chatter
   root = logging.getLogger("sparsejax")
   if not root.handlers:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
                                            "%H:%M:%S"))
     root.addHandler(handler)

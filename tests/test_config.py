@@ -352,3 +352,21 @@ def test_cli_unknown_key_in_config_file(tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert "config.model.bogus" in last and "d_model" in last
   assert "Traceback" not in r.stderr
+
+
+def test_logging_writes_to_the_current_stderr(monkeypatch):
+  """Commands run in-process (tests, notebooks): the stderr of the first setup_logging call may be
+  swapped out and closed; records go to the stderr of the moment, never 'I/O on closed file'."""
+  import io
+  import logging
+  from sparsejax.cli_common import setup_logging
+  logger = logging.getLogger("sparsejax")
+  monkeypatch.setattr(logger, "handlers", [])
+  first = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", first)
+  setup_logging()
+  first.close()
+  now = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", now)
+  logger.warning("hello")
+  assert now.getvalue().rstrip().endswith("WARNING sparsejax: hello")
