@@ -80,7 +80,7 @@ FILE_CPU_S = {
     "test_activation_sparsity.py": 30, "test_sparsity_laws.py": 20, "test_sparsity_masks.py": 15,
     "test_finetune.py": 35, "test_init_from.py": 20, "test_hf_convert.py": 20,
     "test_upcycle.py": 40, "test_gpu_compile.py": 15,
-    "test_compile_check.py": 60,
+    "test_compile_check.py": 60, "test_chunked_loss.py": 16,
 }
 
 

@@ -220,6 +220,9 @@ def core_checks(cfg: Config) -> None:
     if layer >= m.num_layers:
       raise ConfigError(f"config.ffn.overrides: layer {layer} does not exist "
                         f"(num_layers {m.num_layers})")
+  if m.loss_chunk < 0 or (m.loss_chunk and cfg.data.seq_len % m.loss_chunk):
+    raise ConfigError(f"config.model.loss_chunk: {m.loss_chunk} must be 0 (off) or a positive "
+                      f"divisor of data.seq_len {cfg.data.seq_len}")
   if not 0 <= cfg.ffn.first_k_dense <= m.num_layers:
     raise ConfigError(f"config.ffn.first_k_dense: must be in [0, num_layers={m.num_layers}]")
   if cfg.data.global_batch_size % cfg.train.grad_accum_steps:

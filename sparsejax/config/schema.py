@@ -41,6 +41,9 @@ class ModelConfig:
   compute_dtype: str = field("bfloat16", "bfloat16", "float32")
   remat: str = field("none", "none", "full", "dots", "dots_no_batch")
   z_loss: float = 1e-4           # coefficient of mean(logsumexp(logits)^2)
+  # > 0: the head and loss run over sequence chunks of this length (must divide data.seq_len),
+  # each recomputed in the backward pass, so [B, T, V] float32 logits never exist; 0: at once
+  loss_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,17 @@
 """The model's forward pass as the train and eval steps see it: loss sums over a batch and what
 the layers sowed (aux losses, metrics, buffer updates; the protocol is in
-sparsejax/layers/registry.py)."""
+sparsejax/layers/registry.py).
+
+With ``config.model.loss_chunk = C > 0`` (read from the model, ``Transformer.loss_chunk``) the
+head and the loss run in a scan over sequence chunks of C positions whose body is rematerialised
+(nothing saved): per chunk only [B, C, V] float32 logits exist, in the forward and again in the
+backward pass, never [B, T, V]. The sums equal the unchunked ones to float32 rounding (the
+chunks add in a different order). Eval (sparsejax/eval/core.py) goes through the same path.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,13 +66,47 @@ def forward_sums(graphdef, params, batch, z_loss: float, rng=None):
   """Sums over the batch (so micro-batches add up exactly) and sown values. `rng` is a key for
   stochastic layers (training only; None = deterministic)."""
   model = nnx.merge(graphdef, params)
-  logits, intermediates = nnx.capture(model, nnx.Intermediate)(batch["inputs"], rng=rng)
-  ce_BxT, lse_BxT = token_losses(logits, batch["targets"])
+  targets_BxT = batch["targets"]
   w_BxT = batch.get("weights")
   if w_BxT is None:
-    w_BxT = jnp.ones(ce_BxT.shape, jnp.float32)
+    w_BxT = jnp.ones(targets_BxT.shape, jnp.float32)
+  chunk = getattr(model, "loss_chunk", 0)
+  if chunk:
+    x_BxTxD, intermediates = nnx.capture(model.hidden, nnx.Intermediate)(
+        model.embed(batch["inputs"]), tokens_BxT=batch["inputs"], rng=rng)
+    sums = chunked_sums(model.head_logits, x_BxTxD, targets_BxT, w_BxT, chunk)
+  else:
+    logits, intermediates = nnx.capture(model, nnx.Intermediate)(batch["inputs"], rng=rng)
+    sums = _sums(logits, targets_BxT, w_BxT)
   aux, sown, updates = collect_sown(intermediates)
-  sums = {"ce_sum": jnp.sum(ce_BxT * w_BxT), "z_sum": jnp.sum(lse_BxT ** 2 * w_BxT),
-          "count": jnp.sum(w_BxT), "correct": jnp.sum(
-              (jnp.argmax(logits, -1) == batch["targets"]) * w_BxT)}
   return sums, aux, sown, updates
+
+
+def _sums(logits_BxTxV, targets_BxT, w_BxT) -> dict:
+  ce_BxT, lse_BxT = token_losses(logits_BxTxV, targets_BxT)
+  return {"ce_sum": jnp.sum(ce_BxT * w_BxT), "z_sum": jnp.sum(lse_BxT ** 2 * w_BxT),
+          "count": jnp.sum(w_BxT), "correct": jnp.sum(
+              (jnp.argmax(logits_BxTxV, -1) == targets_BxT) * w_BxT)}
+
+
+def chunked_sums(head, x_BxTxD, targets_BxT, w_BxT, chunk: int) -> dict:
+  """The `_sums` of ``head(x_BxTxD)`` computed over sequence chunks of ``chunk`` positions in a
+  scan; each chunk's head + loss is under jax.checkpoint (nothing saveable), so the backward
+  pass recomputes its [B, chunk, V] logits instead of keeping [B, T, V]."""
+  b, t, d = x_BxTxD.shape
+  if t % chunk:
+    raise ValueError(f"config.model.loss_chunk: {chunk} does not divide the sequence length {t}")
+  n = t // chunk
+  x_NxBxCxD = jnp.moveaxis(x_BxTxD.reshape(b, n, chunk, d), 1, 0)
+  y_NxBxC, w_NxBxC = (jnp.moveaxis(a.reshape(b, n, chunk), 1, 0) for a in (targets_BxT, w_BxT))
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def body(acc, xs):
+    x_BxCxD, y_BxC, w_BxC = xs
+    part = _sums(head(x_BxCxD), y_BxC, w_BxC)
+    return {k: acc[k] + part[k] for k in acc}, None
+
+  zero = jnp.zeros((), jnp.float32)
+  sums, _ = jax.lax.scan(body, {k: zero for k in ("ce_sum", "z_sum", "count", "correct")},
+                         (x_NxBxCxD, y_NxBxC, w_NxBxC.astype(jnp.float32)))
+  return sums

@@ -80,6 +80,7 @@ class Transformer(nnx.Module):
     self.head_DxV = (None if cfg.model.tie_embeddings else
                      param(rngs, (d, vocab_size), ("embed", "vocab"),
                            std=1.0 / d ** 0.5, dtype=pdt))
+    self.loss_chunk = cfg.model.loss_chunk  # > 0: forward_sums computes the loss in chunks
     policy = cfg.model.remat
     self._block_fn = (_run_block if policy == "none" else
                       nnx.remat(_run_block, policy=REMAT_POLICIES[policy]))
@@ -93,18 +94,30 @@ class Transformer(nnx.Module):
     """Embedded inputs -> float32 logits. Separate from `embed` so tests can differentiate
     through continuous inputs (causality). `rng` (a key, training only) is folded with the layer
     index for layers that take one; `tokens_BxT` reaches layers that route by token id."""
+    x_BxTxD = self.hidden(x_BxTxD, positions_BxT, tokens_BxT=tokens_BxT, rng=rng)
+    return self.head_logits(x_BxTxD)
+
+  def hidden(self, x_BxTxD: jax.Array, positions_BxT: jax.Array | None = None, *,
+             tokens_BxT: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+    """Embedded inputs -> the blocks -> final norm: the hidden states the head reads
+    (compute dtype). Arguments as `decode`."""
     b, t = x_BxTxD.shape[:2]
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
       x_BxTxD = self._block_fn(block, x_BxTxD, positions_BxT, tokens_BxT, layer_rng)
-    x_BxTxD = self.final_norm(x_BxTxD)
+    return self.final_norm(x_BxTxD)
+
+  def head_logits(self, x_BxCxD: jax.Array) -> jax.Array:
+    """Hidden states (all positions, or a chunk of C of them) -> float32 logits_BxCxV through
+    the tied embedding or the untied head. The weight is cast to the compute dtype here, so
+    under a scan over chunks its gradient accumulates in the parameter dtype."""
     if self.head_DxV is None:
-      logits = jnp.einsum("btd,vd->btv", x_BxTxD, self.embed_VxD[...].astype(self.dtype),
+      logits = jnp.einsum("btd,vd->btv", x_BxCxD, self.embed_VxD[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
     else:
-      logits = jnp.einsum("btd,dv->btv", x_BxTxD, self.head_DxV[...].astype(self.dtype),
+      logits = jnp.einsum("btd,dv->btv", x_BxCxD, self.head_DxV[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
