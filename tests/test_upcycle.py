@@ -176,6 +176,7 @@ def test_command_writes_a_run_that_evaluates_like_its_source_and_trains_on(
           "train.eval_every_steps": 0, "train.progress_bar": False, "optim.warmup_steps": 1}
   src, out = tmp_path / "dense", tmp_path / "moe"
   train_and_evaluate(load_config("configs/dense.py:tiny", **fast), src, one_device)
+  capsys.readouterr()  # the source run's log lines (when an earlier test set up logging)
 
   assert upcycle_main(["--from", str(src), "--out", str(out)]) == 2
   assert capsys.readouterr().err.strip() == ("sparsejax upcycle: error: bad flag: --config "
