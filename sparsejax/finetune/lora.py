@@ -33,6 +33,7 @@ from sparsejax.config import Config
 from sparsejax.finetune.targets import LoraTarget, find_lora_targets
 from sparsejax.layers import registry
 from sparsejax.parallel.sharding import logical_to_spec
+from sparsejax.sparsity.targets import at_path, nested
 
 HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes on the small adapter products
 SEED_OFFSET = 2  # adapter init key: train.seed + 2 (the model uses seed, the step RNG seed + 1)
@@ -47,21 +48,6 @@ def scale(cfg: Config) -> float:
   return cfg.finetune.lora_alpha / cfg.finetune.lora_rank
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def subtree(paths, values) -> dict:
-  """A nested dict holding ``values`` at ``paths``."""
-  out: dict = {}
-  for path, v in zip(paths, values):
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
 
 
 def replace_leaves(params: dict, paths, values) -> dict:
@@ -82,11 +68,11 @@ def init_adapters(cfg: Config, targets: list[LoraTarget], params: dict) -> dict:
   key = jax.random.key(cfg.train.seed + SEED_OFFSET)
   values = []
   for j, t in enumerate(targets):
-    dtype = _get(params, t.path).dtype
+    dtype = at_path(params, t.path).dtype
     fan_in = t.sizes()[1]
     a = jax.random.normal(jax.random.fold_in(key, j), t.a_shape(r), jnp.float32) * fan_in ** -0.5
     values.append({"a": a.astype(dtype), "b": jnp.zeros(t.b_shape(r), dtype)})
-  return subtree([t.path for t in targets], values)
+  return nested([t.path for t in targets], values)
 
 
 def delta(t: LoraTarget, a, b, s: float):
@@ -104,7 +90,7 @@ def merged(cfg: Config, params: dict, adapters: dict) -> dict:
   s = scale(cfg)
   out = []
   for t in targets:
-    w, ad = _get(params, t.path), _get(adapters, t.path)
+    w, ad = at_path(params, t.path), at_path(adapters, t.path)
     out.append((w.astype(jnp.float32) + delta(t, ad["a"], ad["b"], s)).astype(w.dtype))
   return replace_leaves(params, [t.path for t in targets], out)
 
@@ -134,9 +120,9 @@ def lora_optimizer(cfg: Config, adapter_tx: optax.GradientTransformation
     del params, extra
     targets = find_lora_targets(cfg, grads)
     s = scale(cfg)
-    g = subtree([t.path for t in targets],
-                [adapter_grads(t, _get(grads, t.path), _get(state.adapters, t.path), s)
-                 for t in targets])
+    g = nested([t.path for t in targets],
+               [adapter_grads(t, at_path(grads, t.path), at_path(state.adapters, t.path), s)
+                for t in targets])
     u, inner = adapter_tx.update(g, state.inner, state.adapters)
     zeros = jax.tree.map(jnp.zeros_like, grads)
     return zeros, LoraState(optax.apply_updates(state.adapters, u), inner)
@@ -151,9 +137,9 @@ def adapter_shardings(cfg: Config, abstract_params: dict, logical_axes: dict, me
 
   def sharding(axes, shape):
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
-  return subtree([t.path for t in targets],
-                 [{"a": sharding(t.a_axes(), t.a_shape(r)), "b": sharding(t.b_axes(), t.b_shape(r))}
-                  for t in targets])
+  return nested([t.path for t in targets],
+                [{"a": sharding(t.a_axes(), t.a_shape(r)), "b": sharding(t.b_axes(), t.b_shape(r))}
+                 for t in targets])
 
 
 def opt_shardings(cfg: Config, opt_sh: LoraState, abstract_params: dict, logical_axes: dict,

@@ -23,6 +23,7 @@ import jax
 from sparsejax.config import Config
 from sparsejax.errors import ConfigError
 from sparsejax.layers import registry
+from sparsejax.sparsity.targets import at_path
 
 _KIND_KEY = {"attention": "attn", "ffn": "ffn"}
 BATCH_AXES = ("experts",)
@@ -69,12 +70,6 @@ class LoraTarget:
     return (*self.axes[:self.batch], None, *self.axes[self.split:])
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 def find_lora_targets(cfg: Config, abstract_params: dict, logical_axes: dict | None = None
                       ) -> list[LoraTarget]:
   """The LoRA targets in params order (one-line ConfigError when there are none)."""
@@ -91,7 +86,7 @@ def find_lora_targets(cfg: Config, abstract_params: dict, logical_axes: dict | N
       spec = next((p for p in fam.prunable if p.leaf == keys[3]), None)
       if spec is None or not ({fam.kind, fam.name, keys[3]} & wanted):
         continue
-      axes = (tuple(_get(logical_axes, keys)) if logical_axes is not None
+      axes = (tuple(at_path(logical_axes, keys)) if logical_axes is not None
               else (None,) * len(leaf.shape))
       batch = 0
       while batch < len(axes) and axes[batch] in BATCH_AXES:

@@ -116,3 +116,22 @@ def check_shards(cfg: Config, targets: list[Target], shardings: dict, mesh) -> N
           f"config.sparsity.m: {t.name} axis {t.axis} ({t.shape[t.axis]} weights) is split "
           f"over mesh axes {axes} into shards of {t.shape[t.axis] // parts}, not a multiple of "
           f"m={m}: an N:M group would straddle a shard boundary; change m or the mesh")
+
+
+# ---- nested-dict paths (param trees are plain nested dicts) ----
+def at_path(tree, path):
+  """``tree[path[0]][path[1]]...``."""
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def nested(paths, values) -> dict:
+  """A nested dict holding ``values`` at ``paths`` (same order)."""
+  out: dict = {}
+  for path, v in zip(paths, values):
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return out

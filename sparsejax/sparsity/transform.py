@@ -37,7 +37,8 @@ import optax
 
 from sparsejax.config import Config
 from sparsejax.sparsity import dst, masks as mk
-from sparsejax.sparsity.targets import Target, check_targets, find_targets, parse_block
+from sparsejax.sparsity.targets import (Target, at_path, check_targets, find_targets, nested,
+                                        parse_block)
 
 DST_METHODS = ("rigl", "set", "momentum")
 
@@ -102,25 +103,13 @@ def make_plan(cfg: Config, params) -> Plan:
 
 
 # ---- sub-trees of the params holding one value per target ----
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 def subtree(targets, values) -> dict:
   """A nested dict with the targets' paths holding ``values`` (same order)."""
-  out: dict = {}
-  for t, v in zip(targets, values):
-    node = out
-    for k in t.path[:-1]:
-      node = node.setdefault(k, {})
-    node[t.path[-1]] = v
-  return out
+  return nested([t.path for t in targets], values)
 
 
 def leaves(tree, targets) -> list:
-  return [_get(tree, t.path) for t in targets]
+  return [at_path(tree, t.path) for t in targets]
 
 
 def replace_targets(params, targets, new) -> dict:
