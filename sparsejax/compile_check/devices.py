@@ -84,6 +84,9 @@ def target_devices(target: Target) -> list:
     # change what is compiled (the topology below is explicit).
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes /tmp/libtpu_lockfile so that one process owns a TPU; a compile-only process
+    # owns none, and two compile checks at once (pytest -n 2) must not abort each other.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     wrap = list(target.wrap) + [False] * (3 - len(target.wrap))
     topo = topologies.get_topology_desc(
         platform="tpu", topology_name=f"{chip.topology_prefix}:{target.topology}",

@@ -40,6 +40,9 @@ class ModelConfig:
   param_dtype: str = field("float32", "float32", "bfloat16", shapes=True)
   compute_dtype: str = field("bfloat16", "bfloat16", "float32")
   remat: str = field("none", "none", "full", "dots", "dots_no_batch")
+  # runs of identical blocks execute as one lax.scan (compile time flat in depth); parameters
+  # are stored per layer either way, so checkpoints do not change (sparsejax/models/scan.py)
+  scan_layers: bool = False
   z_loss: float = 1e-4           # coefficient of mean(logsumexp(logits)^2)
   # > 0: the head and loss run over sequence chunks of this length (must divide data.seq_len),
   # each recomputed in the backward pass, so [B, T, V] float32 logits never exist; 0: at once

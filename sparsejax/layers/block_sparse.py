@@ -74,7 +74,9 @@ class BlockSparseAttention(DenseAttention):
   def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, shared: dict | None = None):
     super().__init__(cfg, layer_idx, rngs=rngs, shared=shared)
     self.mask = parse_mask(cfg.attention.mask)  # parsed (and checked) once, at validation
-    self.layer_idx = layer_idx
+    # the layer binds only seeded masks (BigBird's random blocks); others keep 0 so that identical
+    # layers stay identical (one scan body under config.model.scan_layers)
+    self.layer_idx = layer_idx if self.mask.for_layer(layer_idx) != self.mask.for_layer(0) else 0
     self.block_q, self.block_kv = cfg.attention.block_q, cfg.attention.block_kv  # 0 = auto
     self.sparse_impl = cfg.attention.sparse_impl
     self.num_heads, self.head_dim = cfg.model.num_heads, cfg.head_dim

@@ -18,6 +18,7 @@ from flax import nnx
 from sparsejax.config import Config
 from sparsejax.layers import registry
 from sparsejax.layers.common import DTYPES, RMSNorm, param
+from sparsejax.models import scan
 from sparsejax.parallel.sharding import constrain
 
 REMAT_POLICIES = {
@@ -84,6 +85,9 @@ class Transformer(nnx.Module):
     policy = cfg.model.remat
     self._block_fn = (_run_block if policy == "none" else
                       nnx.remat(_run_block, policy=REMAT_POLICIES[policy]))
+    # config.model.scan_layers: runs of identical blocks under one lax.scan (models/scan.py)
+    self._segments = (scan.plan(self.blocks) if cfg.model.scan_layers else
+                      (scan.Segment(0, cfg.model.num_layers, 1),))
 
   def embed(self, tokens_BxT: jax.Array) -> jax.Array:
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.dtype)
@@ -104,9 +108,15 @@ class Transformer(nnx.Module):
     b, t = x_BxTxD.shape[:2]
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    for i, block in enumerate(self.blocks):
-      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BxTxD = self._block_fn(block, x_BxTxD, positions_BxT, tokens_BxT, layer_rng)
+    call = lambda block, x, layer_rng: self._block_fn(block, x, positions_BxT, tokens_BxT,
+                                                      layer_rng)
+    for seg in self._segments:
+      if seg.repeats > 1:
+        x_BxTxD = scan.run_segment(self.blocks, seg, call, x_BxTxD, rng)
+        continue
+      for i in range(seg.start, seg.stop):
+        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+        x_BxTxD = call(self.blocks[i], x_BxTxD, layer_rng)
     return self.final_norm(x_BxTxD)
 
   def head_logits(self, x_BxCxD: jax.Array) -> jax.Array:
