@@ -7,10 +7,14 @@ padding and the ``jax.custom_vjp`` around the Pallas kernels of ``kernel.py`` / 
                                                y[t] = Σ_j g · act(x[t] · u[idx]) · v[idx] [T, D]
 
 impl:
-  "pallas"     the Pallas kernels lowered for the GPU (Triton backend);
-  "interpret"  the same kernels with ``interpret=True`` (CPU tests);
-  "xla"        ``reference.py`` (jnp take + einsum in float32), differentiated by JAX;
-  "auto"       "pallas" on a GPU, else "xla".
+  "pallas"            the Pallas kernels lowered for the GPU (Triton backend);
+  "interpret"         the same kernels with ``interpret=True`` (CPU tests);
+  "mosaic"            the Mosaic TPU kernels of ``tpu_kernel.py`` (indices in SMEM, row DMAs),
+                      compiled for the TPU; table gradients by XLA scatter-add;
+  "mosaic_interpret"  the same Mosaic kernels in Pallas TPU interpret mode
+                      (``pltpu.InterpretParams``: DMAs and semaphores simulated on the CPU);
+  "xla"               ``reference.py`` (jnp take + einsum in float32), differentiated by JAX;
+  "auto"              "pallas" on a GPU, "mosaic" on a TPU, else "xla".
 
 Gradients (Pallas paths, first order; the backward is not itself differentiable):
   gather_sum   d table = reverse_index(w, dout)  [N, D] dense, table dtype
@@ -22,7 +26,9 @@ Gradients (Pallas paths, first order; the backward is not itself differentiable)
                (du, dv) = reverse_index((dpre, x), (g·h, dy)) in one kernel (one sort),
                dx = gather_sum(u, idx, dpre).
 ``reverse_index`` is the deterministic sorted-contribution kernel (no atomics): two runs give
-bitwise-equal gradients. Indices get no gradient.
+bitwise-equal gradients. With impl "mosaic*" every ``reverse_index`` is ``tpu_kernel.table_grad``
+(XLA scatter-add in float32) and peer_ffn is composed: pre = gather_dot(u, idx, x),
+y = gather_sum(v, idx, g·act(pre)), differentiated through those two ops. Indices get no gradient.
 
 Indices are assumed to lie in [0, N). They are traced values, so nothing can raise on them: an
 index outside that range is clamped to 0 or N - 1 (like ``jnp.take(mode="clip")``; the "xla"
@@ -30,7 +36,8 @@ reference does the same), i.e. it reads, and receives the gradient of, the first
 Floating-point weights/inputs are accumulated in float32; outputs are cast to the documented
 dtype. Block sizes must be powers of two (a Triton requirement; the interpret path applies the
 same rule so that it runs exactly the GPU kernels); T, S, N and D are arbitrary (ragged edges are
-masked inside the kernels, no table is padded or copied).
+masked inside the kernels, no table is padded or copied). The Mosaic kernels take block_tokens (a
+multiple of 16) and block_d (a multiple of 128 dividing D); the other block options are Triton's.
 """
 
 from __future__ import annotations
@@ -40,11 +47,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.gather_sum import kernel as _k, peer_kernel as _pk
+from kernels_pallas.gather_sum import kernel as _k, peer_kernel as _pk, tpu_kernel as _tk
 from kernels_pallas.gather_sum import reference as _ref
 from kernels_pallas._util import cdiv as _cdiv, is_pow2 as _is_pow2, next_pow2 as _pow2_at_least
 
-IMPLS = ("auto", "pallas", "interpret", "xla")
+IMPLS = ("auto", "pallas", "interpret", "mosaic", "mosaic_interpret", "xla")
+MOSAIC_IMPLS = ("mosaic", "mosaic_interpret")
 ACTIVATION_NAMES = tuple(_k.ACTIVATIONS)
 F32 = jnp.float32
 
@@ -53,7 +61,7 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not one of {', '.join(IMPLS)}; pick one of those")
   if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return {"gpu": "pallas", "tpu": "mosaic"}.get(jax.default_backend(), "xla")
   return impl
 
 
@@ -105,11 +113,13 @@ def _check_same(name: str, x, shape, what: str):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Tiles for each kernel one op may launch (forward and backward)."""
-  sum: _k.Tiles
-  dot: _k.Tiles
-  rev: _k.Tiles
-  peer: _k.Tiles
+  """Tiles for each kernel one op may launch (forward and backward); ``mosaic`` is set (and the
+  Triton tiles None) for the Mosaic TPU impls."""
+  sum: _k.Tiles | None
+  dot: _k.Tiles | None
+  rev: _k.Tiles | None
+  peer: _k.Tiles | None
+  mosaic: _tk.MosaicTiles | None = None
 
 
 def _check_block(name: str, value):
@@ -129,6 +139,12 @@ def make_plan(t: int, s: int, n: int, d: int, *, impl: str, block_tokens=None, b
   for sm_90a, no spills; default warps: gather_sum 4 -> 56 regs, gather_dot 8 -> 68,
   reverse_index 8 -> 32 (one pair) / 64 (two), peer 8 -> 114), not from timings: run
   ``benchmarks/memory_lookup.py --tune`` on the GPU to tune them."""
+  if impl in MOSAIC_IMPLS:
+    mosaic = _tk.make_tiles(d, interpret=impl == "mosaic_interpret", block_tokens=block_tokens,
+                            block_d=block_d, block_s=block_s, block_k=block_k,
+                            block_rows=block_rows, block_contrib=block_contrib,
+                            num_warps=num_warps, num_stages=num_stages)
+    return Plan(None, None, None, None, mosaic=mosaic)
   for name, value in (("block_tokens", block_tokens), ("block_d", block_d), ("block_s", block_s),
                       ("block_k", block_k), ("block_rows", block_rows),
                       ("block_contrib", block_contrib)):
@@ -164,19 +180,29 @@ def _meta(x_TxS, tiles: _k.Tiles, dtype=None):
   return jnp.pad(x, ((0, sp - s), (0, tp - t)))
 
 
-def _run_sum(tiles, table, idx, w, out_dtype):
+def _run_sum(plan: Plan, table, idx, w, out_dtype):
+  if plan.mosaic:
+    return _tk.gather_sum(table, idx, w, out_dtype=out_dtype, tiles=plan.mosaic)
+  tiles = plan.sum
   t, s = idx.shape
   return _k.gather_sum_fwd(table, _meta(idx, tiles), _meta(w, tiles), num_tokens=t,
                            num_slots=s, out_dtype=out_dtype, tiles=tiles)
 
 
-def _run_dot(tiles, table, idx, x):
+def _run_dot(plan: Plan, table, idx, x):
+  if plan.mosaic:
+    return _tk.gather_dot(table, idx, x, tiles=plan.mosaic)
+  tiles = plan.dot
   t, s = idx.shape
   out = _k.gather_dot(table, _meta(idx, tiles), x, num_slots=s, tiles=tiles)
   return out[:s, :t].T
 
 
-def _run_rev(tiles, idx, coefs, rows, num_rows, out_dtypes):
+def _run_rev(plan: Plan, idx, coefs, rows, num_rows, out_dtypes):
+  if plan.mosaic:
+    return tuple(_tk.table_grad(idx, c, r, num_rows=num_rows, out_dtype=dt)
+                 for c, r, dt in zip(coefs, rows, out_dtypes))
+  tiles = plan.rev
   offsets, tok, sorted_coefs = _k.sort_contributions(idx, coefs, num_rows=num_rows,
                                                      block_rows=tiles.block_rows)
   return _k.reverse_index(offsets, tok, sorted_coefs, rows, num_rows=num_rows,
@@ -216,19 +242,19 @@ def gather_sum(table_NxD: jax.Array, idx_TxS: jax.Array, w_TxS: jax.Array, *,
   return _gather_sum_vjp(plan, table_NxD, _clamp(idx_TxS, n), w_TxS)
 
 
-def _gather_sum_vjp(plan: Plan, table, idx, w):
+def _gather_sum_vjp(plan: Plan, table, idx, w, out_dtype=None):
 
   @jax.custom_vjp
   def fn(table, idx, w):
-    return _run_sum(plan.sum, table, idx, w, table.dtype)
+    return _run_sum(plan, table, idx, w, out_dtype or table.dtype)
 
   def fn_fwd(table, idx, w):
     return fn(table, idx, w), (table, idx, w)
 
   def fn_bwd(res, dout):
     table, idx, w = res
-    (dtable,) = _run_rev(plan.rev, idx, (w,), (dout,), table.shape[0], (table.dtype,))
-    dw = _run_dot(plan.dot, table, idx, dout).astype(w.dtype)
+    (dtable,) = _run_rev(plan, idx, (w,), (dout,), table.shape[0], (table.dtype,))
+    dw = _run_dot(plan, table, idx, dout).astype(w.dtype)
     return dtable, None, dw
 
   fn.defvjp(fn_fwd, fn_bwd)
@@ -265,7 +291,7 @@ def _gather_dot_vjp(plan: Plan, table, idx, x):
 
   @jax.custom_vjp
   def fn(table, idx, x):
-    return _run_dot(plan.dot, table, idx, x)
+    return _run_dot(plan, table, idx, x)
 
   def fn_fwd(table, idx, x):
     return fn(table, idx, x), (table, idx, x)
@@ -273,8 +299,8 @@ def _gather_dot_vjp(plan: Plan, table, idx, x):
   def fn_bwd(res, ds):
     table, idx, x = res
     ds = ds.astype(F32)
-    dx = _run_sum(plan.sum, table, idx, ds, x.dtype)
-    (dtable,) = _run_rev(plan.rev, idx, (ds,), (x,), table.shape[0], (table.dtype,))
+    dx = _run_sum(plan, table, idx, ds, x.dtype)
+    (dtable,) = _run_rev(plan, idx, (ds,), (x,), table.shape[0], (table.dtype,))
     return dtable, None, dx
 
   fn.defvjp(fn_fwd, fn_bwd)
@@ -295,7 +321,9 @@ def peer_ffn(x_TxD: jax.Array, u_NxD: jax.Array, v_NxD: jax.Array, idx_TxS: jax.
 
   x [T, D], expert tables u / v [N, D], idx [T, S] (all heads' top-k, flattened), gates g [T, S].
   activation: "gelu" (tanh approximation, jax.nn.gelu(approximate=True)), "relu" or "silu".
-  Returns [T, D] in x's dtype; differentiable in x, u, v (dense [N, D], deterministic) and g."""
+  Returns [T, D] in x's dtype; differentiable in x, u, v (dense [N, D], deterministic) and g.
+  impl "mosaic" / "mosaic_interpret" have no fused TPU kernel: they compose gather_dot ->
+  activation -> gather_sum (the [T, S] pre-activations round-trip through HBM)."""
   _check_float("x_TxD", x_TxD, 2, "[T, D]")
   _check_table("u_NxD", u_NxD)
   _check_table("v_NxD", v_NxD)
@@ -314,6 +342,10 @@ def peer_ffn(x_TxD: jax.Array, u_NxD: jax.Array, v_NxD: jax.Array, idx_TxS: jax.
                    block_contrib=block_contrib, num_warps=num_warps, num_stages=num_stages)
   if impl == "xla":
     return _ref.peer_ffn_reference(x_TxD, u_NxD, v_NxD, idx_TxS, g_TxS, activation)
+  if plan.mosaic:
+    idx = _clamp(idx_TxS, n)
+    h = g_TxS.astype(F32) * _k.ACTIVATIONS[activation](_gather_dot_vjp(plan, u_NxD, idx, x_TxD))
+    return _gather_sum_vjp(plan, v_NxD, idx, h, x_TxD.dtype)
   return _peer_vjp(plan, activation, x_TxD, u_NxD, v_NxD, _clamp(idx_TxS, n), g_TxS)
 
 
@@ -338,12 +370,12 @@ def _peer_vjp(plan: Plan, activation: str, x, u, v, idx, g):
   def fn_bwd(res, dy):
     x, u, v, idx, g, pre = res
     gf = g.astype(F32)
-    gv = _run_dot(plan.dot, v, idx, dy)                       # dy · v[idx]   [T, S]
+    gv = _run_dot(plan, v, idx, dy)                           # dy · v[idx]   [T, S]
     h, act_vjp = jax.vjp(act, pre)
     dg = (h * gv).astype(g.dtype)
     (dpre,) = act_vjp(gf * gv)
-    du, dv = _run_rev(plan.rev, idx, (dpre, gf * h), (x, dy), u.shape[0], (u.dtype, v.dtype))
-    dx = _run_sum(plan.sum, u, idx, dpre, x.dtype)
+    du, dv = _run_rev(plan, idx, (dpre, gf * h), (x, dy), u.shape[0], (u.dtype, v.dtype))
+    dx = _run_sum(plan, u, idx, dpre, x.dtype)
     return dx, du, dv, None, dg
 
   fn.defvjp(fn_fwd, fn_bwd)
