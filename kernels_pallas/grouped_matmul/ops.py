@@ -10,10 +10,12 @@ rhs as [G, N, K] and uses rhs[g].T. Gradients (``custom_vjp``, never autodiff of
   group_sizes: no gradient.
 
 impl:
-  "pallas"     the Pallas kernels lowered for the GPU (Triton backend);
+  "pallas"     the Pallas kernels lowered for the GPU (Triton backend, kernel.py);
   "interpret"  the same kernels with ``interpret=True`` (CPU tests);
-  "xla"        ``jax.lax.ragged_dot_general`` (reference / TPU fallback), differentiated by JAX;
-  "auto"       "pallas" on a GPU, else "xla".
+  "mosaic"     the Pallas TPU kernels (tpu_kernel.py: scalar-prefetched visit schedule, Mosaic);
+  "mosaic_interpret"  the same TPU kernels in Pallas TPU interpret mode on the CPU (tests);
+  "xla"        ``jax.lax.ragged_dot_general`` (reference / fallback), differentiated by JAX;
+  "auto"       "pallas" on a GPU, "mosaic" on a TPU, else "xla".
 
 Group sizes. Negative sizes count as 0. A total larger than M is an error when ``group_sizes``
 is concrete (a numpy/jax array or list outside ``jit``); under ``jit`` (traced sizes) the groups
@@ -26,6 +28,11 @@ zero-pads M to a multiple of block_m, K to a multiple of block_k and N to a mult
 (no copy when they already divide; MoE sizes such as D=2048, F=1024 do) and slices the result.
 The backward reuses the same tiling (block_n and block_k swap roles when the padded dims need
 it). The Triton path indexes with int32: each padded operand must have < 2^31 elements.
+
+Mosaic tiles: (block_m, block_n, block_k) with block_m a multiple of 8 (float32) / 16
+(bfloat16) and block_n, block_k multiples of 128; defaults and the fitting rule (few tiles of
+the smallest covering size, so padding stays small) in tpu_kernel.py; float16 is not supported
+there (cast to bfloat16).
 
 dtypes: lhs and rhs share one of float32 / bfloat16 / float16; group_sizes is an integer array.
 Accumulation is float32; the output has lhs's dtype unless ``preferred_element_type`` is given.
@@ -44,9 +51,11 @@ import numpy as np
 
 from kernels_pallas.grouped_matmul import kernel as _k
 from kernels_pallas.grouped_matmul import reference as _ref
+from kernels_pallas.grouped_matmul import tpu_kernel as _tpu
 from kernels_pallas._util import is_pow2 as _is_pow2, next_pow2 as _next_pow2
 
-IMPLS = ("pallas", "interpret", "xla", "auto")
+IMPLS = ("pallas", "interpret", "mosaic", "mosaic_interpret", "xla", "auto")
+_MOSAIC = ("mosaic", "mosaic_interpret")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MAX_ELEMENTS = 2 ** 31 - 1
 
@@ -76,7 +85,7 @@ def resolve_impl(impl: str) -> str:
     raise ValueError(f"impl={impl!r}; allowed: {', '.join(IMPLS)}")
   if impl != "auto":
     return impl
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return {"gpu": "pallas", "tpu": "mosaic"}.get(jax.default_backend(), "xla")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,16 +180,21 @@ def _fit(cfg: _k.KernelConfig, dim_n: int, dim_k: int) -> _k.KernelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  cfg: _k.KernelConfig
+  cfg: _k.KernelConfig | _tpu.MosaicConfig
   transpose_rhs: bool
   num_rows: int
   out_dtype: np.dtype
 
 
+def _kernels(cfg):
+  """The kernel module of a config: tpu_kernel (Mosaic) or kernel (Triton); same signatures."""
+  return _tpu if isinstance(cfg, _tpu.MosaicConfig) else _k
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gmm_diff(st: _Static, lhs, rhs, group_sizes):
-  return _k.gmm(st.cfg, lhs, rhs, group_sizes, num_rows=st.num_rows,
-                transpose_rhs=st.transpose_rhs, out_dtype=st.out_dtype)
+  return _kernels(st.cfg).gmm(st.cfg, lhs, rhs, group_sizes, num_rows=st.num_rows,
+                              transpose_rhs=st.transpose_rhs, out_dtype=st.out_dtype)
 
 
 def _gmm_diff_fwd(st: _Static, lhs, rhs, group_sizes):
@@ -190,16 +204,17 @@ def _gmm_diff_fwd(st: _Static, lhs, rhs, group_sizes):
 def _gmm_diff_bwd(st: _Static, res, dout):
   lhs, rhs, group_sizes = res
   dout = dout.astype(lhs.dtype)
+  kern = _kernels(st.cfg)
   kp, np_ = lhs.shape[1], dout.shape[1]
   # d lhs [Mp, Kp] = dout @ rhs[g].T (or rhs[g]): output columns Kp, contraction Np.
-  dlhs = _k.gmm(_fit(st.cfg, kp, np_), dout, rhs, group_sizes, num_rows=st.num_rows,
-                transpose_rhs=not st.transpose_rhs, out_dtype=lhs.dtype)
+  dlhs = kern.gmm(_fit(st.cfg, kp, np_), dout, rhs, group_sizes, num_rows=st.num_rows,
+                  transpose_rhs=not st.transpose_rhs, out_dtype=lhs.dtype)
   if st.transpose_rhs:   # rhs [G, Np, Kp]: d rhs[g] = dout_gᵀ @ lhs_g
-    drhs = _k.tgmm(_fit(st.cfg, kp, np_), dout, lhs, group_sizes, num_rows=st.num_rows,
-                   out_dtype=rhs.dtype)
+    drhs = kern.tgmm(_fit(st.cfg, kp, np_), dout, lhs, group_sizes, num_rows=st.num_rows,
+                     out_dtype=rhs.dtype)
   else:                  # rhs [G, Kp, Np]: d rhs[g] = lhs_gᵀ @ dout_g
-    drhs = _k.tgmm(_fit(st.cfg, np_, kp), lhs, dout, group_sizes, num_rows=st.num_rows,
-                   out_dtype=rhs.dtype)
+    drhs = kern.tgmm(_fit(st.cfg, np_, kp), lhs, dout, group_sizes, num_rows=st.num_rows,
+                     out_dtype=rhs.dtype)
   return dlhs, drhs, None
 
 
@@ -210,6 +225,22 @@ _gmm_diff.defvjp(_gmm_diff_fwd, _gmm_diff_bwd)
 # public entry points
 # ----------------------------------------------------------------------------------------------
 
+def _kernel_config(impl, tiling, dtype, m, k, n, num_warps, num_stages):
+  """The kernel config of a Pallas impl, tiles fitted to (M, K, N)."""
+  if impl in _MOSAIC:
+    if num_warps is not None or num_stages is not None:
+      raise ValueError(f"num_warps / num_stages are Triton launch options; impl={impl!r} takes "
+                       "only tiling (drop them)")
+    if jnp.dtype(dtype) not in _tpu.MOSAIC_DTYPES:
+      raise ValueError(f"impl={impl!r} runs float32 or bfloat16 operands; got "
+                       f"{jnp.dtype(dtype).name} (cast to bfloat16)")
+    bm, bn, bk = _tpu.resolve_tiling(tiling, dtype, m, k, n)
+    return _tpu.MosaicConfig(bm, bn, bk, interpret=impl == "mosaic_interpret")
+  bm, bn, bk = resolve_tiling(tiling, dtype, m, k, n)
+  return _k.KernelConfig(bm, bn, bk, interpret=impl == "interpret", num_warps=num_warps,
+                         num_stages=num_stages)
+
+
 def _gmm_entry(lhs, rhs, group_sizes, *, transpose_rhs, impl, tiling, preferred_element_type,
                num_warps, num_stages, differentiable):
   m, k, n, g, sizes = _check_gmm(lhs, rhs, group_sizes, transpose_rhs)
@@ -218,18 +249,17 @@ def _gmm_entry(lhs, rhs, group_sizes, *, transpose_rhs, impl, tiling, preferred_
   if impl == "xla":
     return _ref.ragged_dot_xla(lhs, rhs, sizes, transpose_rhs=transpose_rhs,
                                preferred_element_type=out_dtype)
-  bm, bn, bk = resolve_tiling(tiling, lhs.dtype, m, k, n)
-  mp, kp, np_ = _round_up(m, bm), _round_up(k, bk), _round_up(n, bn)
+  cfg = _kernel_config(impl, tiling, lhs.dtype, m, k, n, num_warps, num_stages)
+  mp, kp, np_ = _round_up(m, cfg.block_m), _round_up(k, cfg.block_k), _round_up(n, cfg.block_n)
   rhs_shape = (g, np_, kp) if transpose_rhs else (g, kp, np_)
-  _check_int32_indexing(lhs=(mp, kp), rhs=rhs_shape, out=(mp, np_))
-  cfg = _k.KernelConfig(bm, bn, bk, interpret=(impl == "interpret"), num_warps=num_warps,
-                        num_stages=num_stages)
+  if isinstance(cfg, _k.KernelConfig):
+    _check_int32_indexing(lhs=(mp, kp), rhs=rhs_shape, out=(mp, np_))
   lhs_p, rhs_p = _pad_to(lhs, (mp, kp)), _pad_to(rhs, rhs_shape)
   if differentiable:
     out = _gmm_diff(_Static(cfg, bool(transpose_rhs), m, out_dtype), lhs_p, rhs_p, sizes)
   else:
-    out = _k.gmm(cfg, lhs_p, rhs_p, sizes, num_rows=m, transpose_rhs=bool(transpose_rhs),
-                 out_dtype=out_dtype)
+    out = _kernels(cfg).gmm(cfg, lhs_p, rhs_p, sizes, num_rows=m,
+                            transpose_rhs=bool(transpose_rhs), out_dtype=out_dtype)
   return out if (mp, np_) == (m, n) else out[:m, :n]
 
 
@@ -281,11 +311,10 @@ def tgmm(lhs_MxK: jax.Array, dout_MxN: jax.Array, group_sizes_G: jax.Array, *,
   impl = resolve_impl(impl)
   if impl == "xla":
     return _ref.tgmm_xla(lhs_MxK, dout_MxN, sizes, preferred_element_type=out_dtype)
-  bm, bn, bk = resolve_tiling(tiling, lhs_MxK.dtype, m, k, n)
-  mp, kp, np_ = _round_up(m, bm), _round_up(k, bk), _round_up(n, bn)
-  _check_int32_indexing(lhs=(mp, kp), dout=(mp, np_), out=(g, kp, np_))
-  cfg = _k.KernelConfig(bm, bn, bk, interpret=(impl == "interpret"), num_warps=num_warps,
-                        num_stages=num_stages)
-  out = _k.tgmm(cfg, _pad_to(lhs_MxK, (mp, kp)), _pad_to(dout_MxN, (mp, np_)), sizes,
-                num_rows=m, out_dtype=out_dtype)
+  cfg = _kernel_config(impl, tiling, lhs_MxK.dtype, m, k, n, num_warps, num_stages)
+  mp, kp, np_ = _round_up(m, cfg.block_m), _round_up(k, cfg.block_k), _round_up(n, cfg.block_n)
+  if isinstance(cfg, _k.KernelConfig):
+    _check_int32_indexing(lhs=(mp, kp), dout=(mp, np_), out=(g, kp, np_))
+  out = _kernels(cfg).tgmm(cfg, _pad_to(lhs_MxK, (mp, kp)), _pad_to(dout_MxN, (mp, np_)), sizes,
+                           num_rows=m, out_dtype=out_dtype)
   return out if (kp, np_) == (k, n) else out[:, :k, :n]
