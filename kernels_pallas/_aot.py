@@ -1,9 +1,9 @@
-"""Deviceless ahead-of-time compilation for a GPU target: compile a jitted function for an H100
-on a host without a GPU and report the compiler's verdict.
+"""Deviceless ahead-of-time compilation for GPU and TPU targets: compile a jitted function for an
+H100, a TPU v5e or a v5p on a host without one and report the compiler's verdict.
 
-Needs the CUDA PJRT plugin next to jax (``jax-cuda13-plugin`` and ``jax-cuda13-pjrt`` of jax's
-version, installed with ``--no-deps``: no CUDA libraries are needed) and ``JAX_PLATFORMS=cpu``
-set before jax starts, so that jax does not look for a GPU to run on.
+GPU: needs the CUDA PJRT plugin next to jax (``jax-cuda13-plugin`` and ``jax-cuda13-pjrt`` of
+jax's version, installed with ``--no-deps``: no CUDA libraries are needed) and
+``JAX_PLATFORMS=cpu`` set before jax starts, so that jax does not look for a GPU to run on.
 ``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=<text>)`` turns a
 ``GpuTargetConfigProto`` (``_targets/<target>.txtpb``) into devices to compile for; the Pallas
 Triton lowering accepts them only inside ``jax.set_mesh`` of a mesh over those devices.
@@ -12,9 +12,17 @@ the plugin's own ptx compiler), so a kernel that would not compile on the GPU fa
 the same message. Nothing executes and nothing is autotuned (XLA also notes that it falls back
 to a slower sort without CUB scratch data: do not read timings into these compiles).
 
+TPU: needs libtpu (``pip install --no-deps libtpu`` of the version ``jax[tpu]`` pins) and
+``JAX_PLATFORMS=cpu``. ``get_topology_desc(platform="tpu", ...)`` of a one-chip slice
+(``TPU_CHIPS``) gives the device; libtpu's XLA:TPU compiler then runs in full, and each Pallas
+TPU kernel goes through Mosaic to TPU code inside it (a ``tpu_custom_call`` in the optimised
+HLO), so a block shape Mosaic cannot tile or a kernel whose buffers overflow VMEM fails here as
+it would on the chip.
+
     from kernels_pallas import _aot
     res = _aot.compile_for_gpu(fn, (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), ...))
-    res.ok, res.seconds, res.triton_kernels, res.cubins, res.message
+    res.ok, res.seconds, res.kernels, res.cubins, res.message
+    res = _aot.compile_for_tpu(fn, args, chip="v5p")        # kernels = Mosaic custom calls
 
 ``fn``'s arguments are ``ShapeDtypeStruct`` pytrees (placed replicated on the target device);
 integer / static values go into ``fn`` itself (a closure or ``functools.partial``).
@@ -25,8 +33,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import os
 import pathlib
-import re
 import time
 
 import jax
@@ -43,16 +51,27 @@ _CUBIN_MAGIC = b"\x7fELF\x02\x01\x01\x41"
 
 @dataclasses.dataclass(frozen=True)
 class CompileResult:
-  """One compile: ``ok`` when XLA returned an executable; ``triton_kernels`` counts the Pallas
-  Triton custom calls in the optimised HLO, ``cubins`` the cubin images in the serialised
-  executable (XLA links its own fusions and the Triton kernels into one or, when it splits a
-  large module, a few), ``message`` the compiler's error (first meaningful line, '' when ok)."""
+  """One compile: ``ok`` when XLA returned an executable; ``kernels`` counts the Pallas kernels
+  in the optimised HLO (GPU: Triton custom calls, TPU: Mosaic ``tpu_custom_call``s), which shows
+  the kernel path really was taken; ``cubins`` the cubin images in a GPU executable (XLA links
+  its own fusions and the Triton kernels into one or, when it splits a large module, a few);
+  ``executable_bytes`` the serialised GPU executable; ``message`` the compiler's error (first
+  meaningful line, '' when ok); ``target`` what it was compiled for ("h100", "v5e", ...).
+  ``seconds`` is tracing, lowering and compiling; ``lower_seconds`` the tracing and lowering
+  part (host work such as building splash attention's mask tables happens there)."""
   ok: bool
   seconds: float
-  triton_kernels: int = 0
+  target: str = ""
+  kernels: int = 0
   cubins: int = 0
   executable_bytes: int = 0
   message: str = ""
+  lower_seconds: float = 0.0
+
+  @property
+  def triton_kernels(self) -> int:
+    """``kernels`` of a GPU compile (the name the GPU tables use)."""
+    return self.kernels
 
   def asdict(self) -> dict:
     return dataclasses.asdict(self)
@@ -121,8 +140,88 @@ def compile_for_gpu(fn, args, *, target: str = "h100", topology: str = "1x1x1"
     with jax.set_mesh(mesh):
       compiled = jax.jit(fn).lower(*_place(tuple(args), mesh)).compile()
   except Exception as exc:  # the compiler's verdict is the result, whatever raised it
-    return CompileResult(False, time.perf_counter() - start, message=short_message(exc))
+    return CompileResult(False, time.perf_counter() - start, target,
+                         message=short_message(exc))
   seconds = time.perf_counter() - start
-  kernels = len(re.findall(re.escape(f'custom_call_target="{TRITON_CALL}"'), compiled.as_text()))
   cubins, size = count_cubins(compiled)
-  return CompileResult(True, seconds, kernels, cubins, size)
+  return CompileResult(True, seconds, target, count_custom_calls(compiled, TRITON_CALL), cubins,
+                       size)
+
+
+def count_custom_calls(compiled, target: str) -> int:
+  """Custom calls to ``target`` in the optimised HLO of a compiled executable."""
+  return compiled.as_text().count(f'custom_call_target="{target}"')
+
+
+# ---- TPU --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuChip:
+  """One chip of a TPU generation as ``get_topology_desc`` builds it: the topology name of a
+  one-chip slice, the chip config ("megacore": two TensorCores as one device) and the
+  accelerator type libtpu is told it runs on (off a TPU VM it asks; the answer changes nothing
+  that is compiled, the topology is explicit)."""
+  topology: str
+  chip_config: str
+  accelerator_type: str
+
+
+# The values sparsejax/parallel/targets.toml holds for these chips (kernels_pallas does not import
+# sparsejax), each as a single chip: chips_per_host_bounds (1, 1, 1).
+TPU_CHIPS = {
+    "v4": TpuChip("v4:1x1x1", "megacore", "v4-8"),
+    "v5e": TpuChip("v5e:1x1", "default", "v5litepod-1"),
+    "v5p": TpuChip("v5:1x1x1", "megacore", "v5p-8"),
+    "v6e": TpuChip("v6e:1x1", "default", "v6e-1"),
+}
+TPU_PACKAGE = "libtpu"
+MOSAIC_CALL = "tpu_custom_call"
+
+
+def libtpu_available() -> bool:
+  """Whether libtpu (the TPU compiler) is importable."""
+  return importlib.util.find_spec("libtpu") is not None
+
+
+@functools.cache
+def tpu_device(chip: str = "v5e"):
+  """The compile-only device of one ``chip`` (a key of ``TPU_CHIPS``)."""
+  if chip not in TPU_CHIPS:
+    raise ValueError(f"unknown TPU chip {chip!r}; known: {', '.join(TPU_CHIPS)} (add it to "
+                     "kernels_pallas._aot.TPU_CHIPS)")
+  if not libtpu_available():
+    raise RuntimeError(f"libtpu is not installed; pip install --no-deps {TPU_PACKAGE} (the "
+                       f"version jax[tpu]=={jax.__version__} pins) to compile for a TPU")
+  spec = TPU_CHIPS[chip]
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", spec.accelerator_type)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  from jax.experimental import topologies  # defers the topology API to the first TPU compile
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=spec.topology,
+                                      chip_config_name=spec.chip_config,
+                                      chips_per_host_bounds=(1, 1, 1), num_slices=1,
+                                      wrap=[False, False, False])
+  (device,) = topo.devices
+  return device
+
+
+def compile_for_tpu(fn, args, *, chip: str = "v5e") -> CompileResult:
+  """Compile ``jax.jit(fn)(*args)`` for one TPU ``chip`` without a TPU; never raises on a
+  compiler error (it is the result's ``message``). ``kernels`` counts Mosaic custom calls.
+
+  Traced and compiled under ``jax.set_mesh`` of a one-device mesh: Pallas TPU lowering rules
+  that ask for the chip (``jax._src.tpu_info.get_tpu_info``, e.g. ``sign``) read the device
+  kind from the current mesh, else from the default device, the host's CPU."""
+  mesh = jax.sharding.Mesh([tpu_device(chip)], ("x",))
+  start = lowered_at = time.perf_counter()
+  try:
+    with jax.set_mesh(mesh):
+      lowered = jax.jit(fn).lower(*_place(tuple(args), mesh))
+      lowered_at = time.perf_counter()
+      compiled = lowered.compile()
+  except Exception as exc:  # the compiler's verdict is the result, whatever raised it
+    return CompileResult(False, time.perf_counter() - start, chip, message=short_message(exc),
+                         lower_seconds=lowered_at - start)
+  return CompileResult(True, time.perf_counter() - start, chip,
+                       count_custom_calls(compiled, MOSAIC_CALL),
+                       lower_seconds=lowered_at - start)

@@ -12,8 +12,10 @@ converted per head by ``to_splash_mask``:
   ``LogicalAnd`` / ``LogicalOr`` (splash then stores the distinct partial blocks, deduplicated);
 * everything else (BigBird, strided, fixed, dilated, prefix, ``~``, per-function / array masks,
   mixed And/Or) becomes a ``NumpyMask`` of the dense evaluation: T×S bools *per distinct head
-  mask* held in host memory while the kernel is built (32k × 32k = 1 GiB per head mask; fine up
-  to ~32k, use the Triton / xla paths beyond that or a computable mask).
+  mask* held in host memory while the kernel is built. Measured compiling for v5e / v5p: host
+  memory ~ (distinct head masks + 16) bytes x T^2, i.e. 1.7 GB and ~50 s at 8k BigBird (12 head
+  masks), 5 GB at 16k strided, ~28 / ~17 GB for 32k BigBird / strided; past ~8-16k prefer a
+  computable mask (band, And / Or of bands) or the Triton / xla paths.
 
 Splash needs ``T % block_q == 0`` and ``S % block_kv == 0``: other lengths are zero-padded and
 the padded keys masked (dense masks include the range check; band masks stay computable when
@@ -39,6 +41,15 @@ from kernels_pallas.block_sparse_attention import masks as _m
 from kernels_pallas._util import cdiv as _cdiv
 
 _BIG = 1 << 40  # |band limit| beyond this = unbounded (our masks use 1 << 62)
+TPU_BLOCK = 128  # splash's NUM_LANES: kv blocks (forward) and q blocks (backward) are multiples
+
+
+def tpu_blocks(block_q: int, block_kv: int) -> tuple[int, int]:
+  """(block_q, block_kv) rounded up to multiples of 128: what splash compiles for a TPU, forward
+  and backward (smaller blocks fail with 'bkv_compute=64 must be a multiple of 128', or in the
+  backward with Pallas TPU's (8, 128) block-shape rule). The sequence is padded to them."""
+  up = lambda b: _cdiv(max(int(b), 1), TPU_BLOCK) * TPU_BLOCK
+  return up(block_q), up(block_kv)
 
 
 def _head_mask(mask: _m.Mask, head: int) -> _m.Mask:

@@ -25,7 +25,7 @@ import jax
 from flax import nnx
 
 from kernels_pallas.block_sparse_attention.layout import compile_layout
-from kernels_pallas.block_sparse_attention import tuning
+from kernels_pallas.block_sparse_attention import splash, tuning
 from kernels_pallas.block_sparse_attention.masks import Mask, parse_mask
 from kernels_pallas.block_sparse_attention.ops import block_sparse_attention, triton_supports
 from sparsejax.errors import ConfigError
@@ -89,6 +89,10 @@ class BlockSparseAttention(DenseAttention):
     tuned = tuning.choose(hardware.device_kind(), self.head_dim, seq_len)
     bq = tuned.block_q if self.block_q == 0 else min(self.block_q, seq_len)
     bkv = tuned.block_kv if self.block_kv == 0 else min(self.block_kv, seq_len)
+    if self.resolved_impl(bq, bkv) == "splash":
+      # splash on a TPU takes blocks of whole 128-lane multiples (kv always, q in the backward);
+      # the bridge pads the sequence up to them
+      return tuning.BlockConfig(*splash.tpu_blocks(bq, bkv))
     if (bq, bkv) != (tuned.block_q, tuned.block_kv):
       return tuning.BlockConfig(bq, bkv)
     return tuned
