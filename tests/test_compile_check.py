@@ -109,6 +109,22 @@ def test_tpu_moe_expert_parallel_step_uses_all_to_all():
   assert rec["collectives"]["by_kind"]["all-to-all"]["count"] >= 2 * 2  # dispatch + combine
 
 
+def test_tpu_step_runs_the_mosaic_and_splash_kernels_in_scanned_layers():
+  """memory.impl="pallas" on a TPU target = the Mosaic gather kernels; block-sparse attention =
+  splash (the layer's 16-wide blocks rounded up to 128 for it); scanned layers around both."""
+  rc, rec, err = _check("tpu", "--config", "configs/memory.py:tiny", "--target", "v5e-1",
+                        "--config.memory.impl=pallas", "--config.attention.type=block_sparse",
+                        "--config.attention.mask=causal&window:16", "--config.attention.block_q=16",
+                        "--config.attention.block_kv=16", "--config.model.num_layers=4",
+                        "--config.model.scan_layers=True")
+  assert rc == 0, err[-2000:]
+  _sane(rec, 1)
+  # per step (loop trip counts included): splash forward + dq + dkv in each of the 4 layers
+  # (once per kv head group: 24 here), the memory read's gather_sum and its d w gather_dot; the
+  # same config with memory.impl=xla and dense attention has none
+  assert rec["custom_calls"].get("tpu_custom_call", 0) >= 4 * 3 + 2, rec["custom_calls"]
+
+
 def test_tpu_step_too_big_for_hbm_exits_2_with_the_compilers_numbers():
   rc, rec, err = _check("tpu", "--config", "configs/dense.py:tiny", "--target", "v5p-8",
                         "--config.mesh.preset=fsdp", "--config.model.d_model=16384",
@@ -213,17 +229,20 @@ def test_layer_choices_follow_the_target_platform():
       "model.compute_dtype": "bfloat16", "attention.block_q": 0, "attention.block_kv": 0})
   dense = load_config("configs/dense.py:tiny", **{"model.compute_dtype": "bfloat16"})
   attn = lambda c: model_spec(c, 257).abstract_model.blocks[0].attn
-  assert attn(dense).impl == "xla" and kernel_impl.resolve("pallas", "x") == "interpret"
+  assert attn(dense).impl == "xla" and kernel_impl.resolve("pallas", "x", "gather") == "interpret"
   with hardware.target("gpu", "NVIDIA H100 80GB HBM3"):
     assert attn(dense).impl == "cudnn"
-    assert kernel_impl.resolve("pallas", "x") == "pallas"
+    assert kernel_impl.resolve("pallas", "x", "gmm") == "pallas"
     sparse = attn(cfg)
     h100 = tuning.choose("NVIDIA H100 80GB HBM3", sparse.head_dim, 256)
     assert sparse.block_config(256) == h100 and h100.num_warps  # the H100 row, Triton launch
     assert sparse.resolved_impl(64, 64) == "pallas"
   assert sparse.block_config(256) != h100  # this CPU host's choice
   with hardware.target("tpu", "TPU v5"):
-    assert attn(dense).impl == "xla" and kernel_impl.resolve("pallas", "x") == "xla"
+    assert attn(dense).impl == "xla" and kernel_impl.resolve("pallas", "x", "topk") == "xla"
+    # the Mosaic TPU kernels: gathers (memory / PEER reads) and the grouped matmul
+    assert kernel_impl.resolve("pallas", "x", "gather") == kernel_impl.resolve(
+        "pallas", "x", "gmm") == "mosaic"
     assert attn(cfg).resolved_impl(64, 64) == "splash"
   assert hardware.current().backend == "cpu" and attn(cfg).resolved_impl(64, 64) == "xla"
 

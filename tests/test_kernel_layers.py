@@ -98,11 +98,13 @@ def assert_trees_close(a, b, rtol, atol):
 
 
 def test_impl_resolution():
-  assert kernel_impl.resolve("xla", "config.x.impl") == "xla"
-  assert kernel_impl.resolve("pallas", "config.x.impl") == "interpret"   # this CPU
-  assert kernel_impl.resolve("interpret", "config.x.impl") == "interpret"
+  assert kernel_impl.resolve("xla", "config.x.impl", "gather") == "xla"
+  assert kernel_impl.resolve("pallas", "config.x.impl", "gather") == "interpret"   # this CPU
+  assert kernel_impl.resolve("interpret", "config.x.impl", "gather") == "interpret"
+  assert kernel_impl.resolve("mosaic_interpret", "config.x.impl", "gather") == "mosaic_interpret"
+  assert kernel_impl.resolve("mosaic_interpret", "config.x.impl", "topk") == "xla"  # no TPU kernel
   with pytest.raises(ValueError, match="config.x.impl: unknown impl 'cuda'"):
-    kernel_impl.resolve("cuda", "config.x.impl")
+    kernel_impl.resolve("cuda", "config.x.impl", "gather")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -118,6 +120,21 @@ def test_pallas_model_matches_xla_model(family):
     if any(k in name for k in ("values_NxD", "experts_in", "experts_out", "subkeys", "w_gate_E",
                                "w_down_E")):
       assert float(jnp.max(jnp.abs(g))) > 0, name
+
+
+@pytest.mark.parametrize("family", ["memory", "peer", "moe"])
+def test_tpu_kernel_model_matches_xla_model(family):
+  """config impl "mosaic_interpret": the layers' Mosaic TPU kernels (memory / PEER gathers, the
+  MoE grouped matmul) in TPU interpret mode, per shard on a data=2 x tensor=2 mesh (what
+  impl="pallas" resolves to on a TPU, kernel_impl.resolve)."""
+  data = batch()
+  loss_x, grads_x = xla_reference(family)
+  cfg = cfg_of(family, "mosaic_interpret", **{"mesh.data": 2, "mesh.tensor": 2})
+  ffn = model_spec(cfg, VOCAB).abstract_model.blocks[0].ffn
+  assert getattr(ffn, "gather_impl", ffn.impl) == "mosaic_interpret"  # the TPU kernels run
+  loss_t, grads_t = loss_and_grads(cfg, data, mesh=make_mesh(cfg.mesh, jax.devices()[:4]))
+  np.testing.assert_allclose(float(loss_t), float(loss_x), rtol=1e-5)
+  assert_trees_close(grads_t, grads_x, rtol=2e-4, atol=2e-6)
 
 
 @pytest.mark.parametrize("family", ["memory", "peer", "moe"])

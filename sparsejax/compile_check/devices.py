@@ -90,7 +90,7 @@ def target_devices(target: Target) -> list:
     wrap = list(target.wrap) + [False] * (3 - len(target.wrap))
     topo = topologies.get_topology_desc(
         platform="tpu", topology_name=f"{chip.topology_prefix}:{target.topology}",
-        chip_config_name=chip.chip_config, chips_per_host_bounds=chip.chips_per_host_bounds,
+        chip_config_name=chip.chip_config, chips_per_host_bounds=_host_bounds(chip, target),
         num_slices=target.num_slices, wrap=wrap)
   else:
     topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(chip),
@@ -100,6 +100,13 @@ def target_devices(target: Target) -> list:
     raise ValueError(f"--target {target.name}: the topology gave {len(devices)} devices, "
                      f"expected {target.num_devices}")
   return devices
+
+
+def _host_bounds(chip: Chip, target: Target) -> tuple[int, ...]:
+  """A host's chip bounds, capped at the slice's own dimensions (a v5e-1 or v5e-4 slice is
+  smaller than the 2x2 chips a v5e host holds; libtpu needs the bounds to divide the topology)."""
+  dims = [int(d) for d in target.topology.split("x")] + [1] * 3
+  return tuple(min(b, d) for b, d in zip(chip.chips_per_host_bounds, dims))
 
 
 def _compute_capability(chip: Chip) -> tuple[int, int]:

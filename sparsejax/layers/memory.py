@@ -86,9 +86,10 @@ class MemoryConfig:
   value_weight_decay: float = 0.0
   key_lr_mult: float = 1.0
   query_lr_mult: float = 1.0
-  # kernels: "xla" (jnp) | "pallas" (fused Pallas kernels on GPU, interpret mode on CPU, XLA on
-  # TPU: sparsejax/layers/kernel_impl.py) | "interpret" (force interpret mode)
-  impl: str = field("xla", "xla", "pallas", "interpret")
+  # kernels: "xla" (jnp) | "pallas" (Triton kernels on GPU, interpret mode on CPU; on TPU the
+  # Mosaic gather kernels, XLA top-k: sparsejax/layers/kernel_impl.py) | "interpret" (force
+  # interpret mode) | "mosaic_interpret" (the TPU gather kernels in TPU interpret mode)
+  impl: str = field("xla", "xla", "pallas", "interpret", "mosaic_interpret")
 
 SHARED_KEY = "memory_values"
 
@@ -122,7 +123,8 @@ class MemoryLayer(nnx.Module):
     self.d_model = d
     self.param_bytes = jnp.dtype(pdt).itemsize
     self.qk_norm, self.eps = m.qk_norm, cfg.model.norm_eps
-    self.impl = kernel_impl.resolve(m.impl, "config.memory.impl")
+    self.impl = kernel_impl.resolve(m.impl, "config.memory.impl", "topk")
+    self.gather_impl = kernel_impl.resolve(m.impl, "config.memory.impl", "gather")
     self.dtype = DTYPES[cfg.model.compute_dtype]
     h, c = m.num_heads, m.d_key // 2
     self.w_query_DxHxK = param(rngs, (d, h, m.d_key), ("embed", "pk_heads", "pk_dim"), std=std,
@@ -181,7 +183,7 @@ class MemoryLayer(nnx.Module):
   def read(self, weights_BxTxHxK: jax.Array, idx_BxTxHxK: jax.Array) -> jax.Array:
     """sum_h sum_k w · V[idx]: [B, T, D] in the compute dtype."""
     table = self.values.values_NxD[...]
-    if self.impl != "xla":
+    if self.gather_impl != "xla":
       return self._read_kernel(table, weights_BxTxHxK, idx_BxTxHxK).astype(self.dtype)
     rows = jnp.take(table, idx_BxTxHxK, axis=0).astype(self.dtype)
     rows = constrain(rows, ("act_batch", "act_length", None, None, "act_mem_dim"))
@@ -197,7 +199,7 @@ class MemoryLayer(nnx.Module):
     def local(table, w, idx):
       bb = idx.shape[0]
       out = gather_sum(table, idx.reshape(bb * t, h * k), w.reshape(bb * t, h * k),
-                       impl=self.impl)
+                       impl=self.gather_impl)
       return out.reshape(bb, t, -1)
 
     fn = kernel_impl.per_shard(local, in_specs=(P(None, cols), P(rows), P(rows)),

@@ -136,7 +136,7 @@ class MoE(nnx.Module):
                     stacklevel=2)
     self.act = ACTIVATIONS[cfg.ffn.activation]
     self.dtype = DTYPES[cfg.model.compute_dtype]
-    self.impl = kernel_impl.resolve(m.impl, "config.moe.impl")
+    self.impl = kernel_impl.resolve(m.impl, "config.moe.impl", "gmm")
 
   # ---- accounting (sparsejax/models/accounting.py) ----
   def experts_per_token(self, seq_len: int) -> float:

@@ -39,8 +39,9 @@ class MoEConfig:
   bias_balancing: bool = field(False, shapes=True)  # DeepSeek-V3 aux-loss-free selection bias
   bias_update_rate: float = 1e-3
   # dropless grouped matmuls: "xla" (jax.lax.ragged_dot) | "pallas" (kernels_pallas grouped
-  # matmul on GPU, interpret mode on CPU, ragged_dot on TPU) | "interpret"
-  impl: str = field("xla", "xla", "pallas", "interpret")
+  # matmul: Triton on GPU, Mosaic on TPU, Triton interpret mode on CPU) | "interpret" |
+  # "mosaic_interpret" (the TPU kernel in TPU interpret mode)
+  impl: str = field("xla", "xla", "pallas", "interpret", "mosaic_interpret")
 
 
 def base_width(cfg) -> int:

@@ -65,7 +65,8 @@ def dropless(x_NxD, expert_NxK, gate_NxK, wg, wu, wd, *, num_experts, act, dt, i
              tensor_axis=None):
   """Sort assignments by expert, grouped matmuls, unsort, combine with the gates.
 
-  impl "xla": ``jax.lax.ragged_dot``; "pallas" / "interpret": kernels_pallas grouped_matmul.
+  impl "xla": ``jax.lax.ragged_dot``; else kernels_pallas grouped_matmul with that impl
+  ("pallas" / "interpret": Triton, "mosaic" / "mosaic_interpret": TPU; kernel_impl.resolve).
   ``tensor_axis``: inside shard_map with the expert hidden dimension F split over that mesh axis
   (wg / wu column shards, wd row shards), the partial outputs are summed over it.
   """

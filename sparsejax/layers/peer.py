@@ -72,9 +72,10 @@ class PEERConfig:
   key_lr_mult: float = 1.0
   query_lr_mult: float = 1.0
   expert_lr_mult: float = 1.0
-  # kernels: "xla" (jnp) | "pallas" (fused Pallas kernels on GPU, interpret mode on CPU, XLA on
-  # TPU: sparsejax/layers/kernel_impl.py) | "interpret" (force interpret mode)
-  impl: str = field("xla", "xla", "pallas", "interpret")
+  # kernels: "xla" (jnp) | "pallas" (Triton kernels on GPU, interpret mode on CPU; on TPU the
+  # Mosaic gather kernels, XLA top-k: sparsejax/layers/kernel_impl.py) | "interpret" (force
+  # interpret mode) | "mosaic_interpret" (the TPU gather kernels in TPU interpret mode)
+  impl: str = field("xla", "xla", "pallas", "interpret", "mosaic_interpret")
 
 PEER_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu,
                     "silu": jax.nn.silu}
@@ -99,7 +100,8 @@ class PEER(nnx.Module):
     self.d_model = d
     self.param_bytes = jnp.dtype(pdt).itemsize
     self.score, self.query_norm, self.key_norm = p.score, p.query_norm, p.key_norm
-    self.impl = kernel_impl.resolve(p.impl, "config.peer.impl")
+    self.impl = kernel_impl.resolve(p.impl, "config.peer.impl", "topk")
+    self.gather_impl = kernel_impl.resolve(p.impl, "config.peer.impl", "gather")
     self.activation = p.activation
     self.eps = cfg.model.norm_eps
     self.act = PEER_ACTIVATIONS[p.activation]
@@ -169,7 +171,7 @@ class PEER(nnx.Module):
     for name, value in usage_scalars(counts).items():
       sow(self, name, value)
     g = scores if fused_softmax else self.gates(scores)
-    if self.impl != "xla":
+    if self.gather_impl != "xla":
       y = self._experts_kernel(x_BxTxD, idx_BxTxHxK, g).astype(dt)
       return constrain(y, ("act_batch", "act_length", "act_embed"))
     u = jnp.take(self.experts_in_NxD[...], idx_BxTxHxK, axis=0).astype(dt)   # [B,T,H,k,D]
@@ -187,7 +189,7 @@ class PEER(nnx.Module):
     b, t, h, k = idx_BxTxHxK.shape
     u, v = self.experts_in_NxD[...], self.experts_out_NxD[...]
     rows, cols = kernel_impl.batch_axis(b), kernel_impl.mesh_axis("peer_dim", u.shape[1])
-    impl, act = self.impl, self.act
+    impl, act = self.gather_impl, self.act
 
     def local(x, u, v, idx, g):
       bb = x.shape[0]
