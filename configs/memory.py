@@ -17,6 +17,19 @@ Presets (``--config configs/memory.py:<preset>``):
          1024² x d_model pool, same memory settings. Training FLOPs per token vs dense
          (sparsejax.info): 350m 0.98x (1.40B total / 331M active params), 1.3b 0.96x
          (3.37B / 1.22B); the three memory layers replace three FFNs, so they cost a little less.
+  8b     the largest base model of Memory Layers at Scale (Berges et al. 2024, arXiv 2412.09764:
+         Llama-3-8B with Memory+): configs/dense.py:8b with Memory+ in 3 equally spaced layers
+         (8, 16, 24) sharing one value pool of N = 4096² = 16.8M slots x 4096 (4096³ = 68.7B
+         value parameters, "64B" in the paper's binary units), 4 heads, k=32, d_key 1024
+         (d_model / 4): 76.4B total parameters, 7.2B active per token.
+  1.3b_64m
+         the paper's largest memory (its "128B memory parameters"): configs/memory.py:1.3b with
+         N = 8192² = 67.1M slots x 2048 (137B value parameters; 138.7B in all).
+         The value pool's rows are on every device (mem_slots -> no mesh axis, mem_dim ->
+         tensor), so neither state fits one device's HBM. --config.mesh.rules="(('mem_dim',
+         'fsdp'),)" shards the pool's columns over fsdp (the state then fits v5p-256 and
+         v5e-256), but the compiled step all-gathers the whole pool (measured on memory tiny,
+         v5p-8): these sizes need a sharded lookup (docs/fits.md).
 
 Any field can be overridden: --config.ffn.overrides=4:memory,8:memory --config.memory.top_k=16
 """
@@ -39,8 +52,16 @@ def get_config(preset: str = "tiny"):
     c = load_config_dict(f"{_DENSE}:{preset}")
     c.ffn.overrides = tuple(f"{i}:memory" for i in _LAYERS[preset])
     # the MemoryConfig defaults: N = 1024^2 slots, 4 heads, k=32, d_key 512, Memory+, QK-norm
+  elif preset == "8b":
+    c = load_config_dict(f"{_DENSE}:8b")
+    c.ffn.overrides = ("8:memory", "16:memory", "24:memory")
+    c.memory.update(num_slots=4096 ** 2, d_key=1024)
+  elif preset == "1.3b_64m":
+    c = load_config_dict(f"{_DENSE}:1.3b")
+    c.ffn.overrides = tuple(f"{i}:memory" for i in _LAYERS["1.3b"])
+    c.memory.num_slots = 8192 ** 2
   else:
     raise ValueError(f"configs/memory.py: unknown preset {preset!r}; choose one of tiny, "
-                     f"{', '.join(_LAYERS)}")
+                     f"{', '.join(_LAYERS)}, 8b, 1.3b_64m")
   c.name = f"memory-{preset}"
   return with_defaults(c)

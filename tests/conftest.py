@@ -67,7 +67,7 @@ def one_device():
 # long file early does no harm): add it with its measured time.
 FILE_CPU_S = {
     "test_scan_layers.py": 95, "test_gather_sum_tpu.py": 20,
-    "test_grouped_matmul_tpu.py": 22, "test_tpu_compile.py": 15,
+    "test_grouped_matmul_tpu.py": 22, "test_tpu_compile.py": 15, "test_fits.py": 25,
     "test_train.py": 190, "test_weight_sparsity.py": 170, "test_multiprocess.py": 140, "test_crash_safety.py": 110,
     "test_sparse_layers_work.py": 100, "test_moe.py": 85, "test_kernel_layers.py": 80,
     "test_sweep.py": 80, "test_block_sparse_kernel.py": 75, "test_sparse_attn_model.py": 65,

@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (REPO / "configs").glob("*.py") if p.stem != "workdir")
 # Presets each config family documents; a family not listed here is loaded with its default
 # preset, plus its own ``PRESETS`` list if the module defines one.
-PRESETS = {"dense": ["tiny", "small", "125m", "350m", "760m", "1.3b"]}
+PRESETS = {"dense": ["tiny", "small", "125m", "350m", "760m", "1.3b", "8b", "70b"]}
 BPE_VOCAB = 32768
 SUBPROCESS_ENV = {**os.environ, "XLA_FLAGS": os.environ["SPARSEJAX_TEST_XLA_FLAGS"],
                   "JAX_PLATFORMS": "cpu"}
