@@ -33,7 +33,7 @@ Same shapes as configs/dense.py; every FFN is "moe" (mix with --config.ffn.patte
          46.7B parameters and 12.9B active per token as published (sparsejax.info: 46.70B,
          12.75B active + the 0.13B input embedding the paper counts). Sequence 4096 (the model's
          context is 32768; its training length is not published), remat="full",
-         model.loss_chunk=1024. Capacity dispatch (factor 1.25): expert parallelism
+         model.loss_chunk=1024, scanned layers (as dense 8b). Capacity dispatch (factor 1.25): expert parallelism
          (mesh.preset=fsdp_ep) needs it, and dropless ragged_dot is slow on GPU at jax 0.11.
   qwen_moe_a2.7b
          Qwen1.5-MoE-A2.7B shape (Qwen1.5-MoE-A2.7B config.json and model card): d=2048, L=24,
@@ -74,7 +74,8 @@ _PUBLISHED = {
     "mixtral_8x7b": ("8b", dict(vocab_size=32000), dict(rope_theta=1e6),
                      dict(num_experts=8, top_k=2, d_expert=14336)),
     "qwen_moe_a2.7b": ("1.3b", dict(vocab_size=151936, num_heads=16, num_kv_heads=16,
-                                    tie_embeddings=False, remat="full", loss_chunk=1024),
+                                    tie_embeddings=False, remat="full", loss_chunk=1024,
+                                    scan_layers=True),
                        dict(rope_theta=1e6, qkv_bias=True),
                        dict(num_experts=60, top_k=4, d_expert=1408, num_shared_experts=4,
                             shared_expert_gate=True, renormalize=False)),

@@ -37,6 +37,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -200,11 +201,17 @@ def _now() -> str:
   return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def config_digest(cell: Cell) -> str:
+  """12 hex digits of the resolved config's JSON (a preset edited since gets a new cell)."""
+  cfg = load_config(cell.row.config, **dict(cell.overrides))
+  return hashlib.sha1(cfg.to_json().encode()).hexdigest()[:12]
+
+
 def prepare(cell: Cell, results: Results, versions_: dict, *, cap: int = CAP,
             plan_fn=plan) -> dict:
   """The cell's entry in ``results`` (created if new) with its pre-check ``plan``; a cell whose
   state alone exceeds the limit is finished here, without a compile."""
-  entry = results.entry(cell.key(versions_, cap), {
+  entry = results.entry(cell.key(versions_, cap, config_digest(cell)), {
       "id": cell.row.id, "config": cell.row.config, "target": cell.target,
       "overrides": [[k, cli_value(v)] for k, v in cell.overrides], "cap": cap,
       "versions": versions_, "trials": {}})

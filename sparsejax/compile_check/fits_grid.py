@@ -77,9 +77,11 @@ class Cell:
   def overrides(self) -> tuple[tuple[str, object], ...]:
     return (("mesh.preset", self.row.mesh), *COMMON_OVERRIDES, *self.row.overrides)
 
-  def key(self, versions: dict, cap: int) -> str:
+  def key(self, versions: dict, cap: int, config_digest: str = "") -> str:
+    """The cache key: a preset edited since (``config_digest`` of the resolved config) or new
+    compiler versions make a new cell instead of reusing old compiles."""
     return json.dumps([self.row.id, self.target, [[k, cli_value(v)] for k, v in self.overrides],
-                       versions, cap])
+                       versions, cap] + ([config_digest] if config_digest else []))
 
 
 def command(cell: Cell, global_batch: int) -> list[str]:
