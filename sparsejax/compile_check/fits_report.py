@@ -47,11 +47,16 @@ def summarize(entry: dict) -> dict:
          "state_bytes": plan.get("state", {}).get("total_bytes"),
          "limit_bytes": plan.get("limit_bytes")}
   if out["status"] != "done":
+    fitting = [int(b) for b, t in entry.get("trials", {}).items() if t.get("fits")]
+    if fitting:  # an interrupted search: what it had shown so far
+      rec = entry["trials"][str(max(fitting))]
+      out.update(at_least=max(fitting), peak_bytes=rec["memory"].get("peak_bytes"),
+                 tried=len(entry["trials"]))
     return out
   trials, search = entry["trials"], entry["search"]
   b = search["max_per_device_batch"]
   rec = trials[str(b or 1)]
-  mem, coll = rec["memory"], rec["collectives"]
+  mem, coll = rec["memory"], rec.get("collectives", {})  # none when nothing fits (OOM)
   out.update(per_device_batch=b, capped=search["capped"], method=search["method"],
              global_batch=rec["global_batch"], tokens_per_step=rec["global_batch"] * rec["seq_len"],
              peak_bytes=mem.get("peak_bytes"), hbm_bytes=mem["hbm_bytes"],
@@ -104,6 +109,9 @@ def row(entry_id: str, s: dict) -> str:
     rest = [f"state alone {_gib(s['state_bytes'])} > {_gib(s['limit_bytes'])}: not compiled"]
   elif status == "error":
     rest = [f"error: {s['error']}"]
+  elif status != "done" and s.get("at_least"):
+    rest = [f">= {s['at_least']} (search interrupted after {s['tried']} compiles; "
+            f"peak {_gib(s['peak_bytes'])} at {s['at_least']})"]
   elif status != "done":
     rest = ["not compiled yet" + (" (interrupted)" if status == "running" else "")]
   elif not s["per_device_batch"]:
@@ -186,6 +194,16 @@ def headline(cells: list[tuple[str, str]], found: dict) -> list[str]:
       if s and s["status"] == "done" and s["per_device_batch"] and (
           best is None or s["params_total"] > best[1]["params_total"]):
         best = (c[0], s)
+    partial = [(c[0], summarize(found[c])) for c in mine if c in found]
+    partial = max(((cid, p) for cid, p in partial if p.get("at_least") and p["params_total"]
+                   and (best is None or p["params_total"] > best[1]["params_total"])),
+                  key=lambda cp: cp[1]["params_total"], default=None)
+    if partial:  # a larger model whose search was interrupted after fitting batches
+      cid, p = partial
+      lines.append(f"- {target}: **{cid}** ({_params(p['params_total'])} parameters) fits at "
+                   f">= {p['at_least']} x {p['seq_len']} tokens per device, peak "
+                   f"{_gib(p['peak_bytes'])} (search interrupted); {counted}")
+      continue
     if best is None:
       lines.append(f"- {target}: none fits yet ({counted})")
       continue
