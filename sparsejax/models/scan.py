@@ -1,5 +1,6 @@
 """Scanned layers: runs of identical blocks executed by one ``jax.lax.scan`` body instead of one
-traced copy per layer, so the program (and its compile time) stops growing with depth.
+traced copy per layer, so the traced program stops growing with depth and, under FSDP, XLA
+gathers each layer's weights inside the loop body and frees them every iteration.
 
 ``config.model.scan_layers = True`` (off by default; on in the 8b / 70b-class presets, where the
 layer loop lets XLA keep every layer's all-gathered FSDP weights alive: dense 70b on v5p-256 needs
