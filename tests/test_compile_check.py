@@ -15,15 +15,14 @@ compiler's verdict, not the numbers.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+import compiler_env
 from kernels_pallas.block_sparse_attention import tuning
 from sparsejax.compile_check import hlo, program
 from sparsejax.configure import load_config
@@ -32,35 +31,7 @@ from sparsejax.parallel import hardware, targets
 from sparsejax.train.state import model_spec
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-_DROP = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-_ENVS = {"tpu": ("SPARSEJAX_TPU_PYTHON", ".tpu-compiler", "libtpu", "libtpu",
-                 "pip install --no-deps --target .tpu-compiler libtpu==0.0.48.1"),
-         "gpu": ("SPARSEJAX_GPU_PYTHON", ".gpu-compiler", "jax_plugins", "jax_plugins.xla_cuda13",
-                 "pip install --no-deps --target .gpu-compiler jax-cuda13-plugin==0.11.2 "
-                 "jax-cuda13-pjrt==0.11.2")}
-
-
-def _compiler(platform: str):
-  """(python, extra env) of the compiler environment for ``platform``; skips (or fails when
-  SPARSEJAX_REQUIRE_<TPU|GPU>_COMPILE=1) without one."""
-  var, folder, marker, module, how = _ENVS[platform]
-  if os.environ.get(var):
-    return os.environ[var], {}
-  if (REPO / folder / marker).is_dir():
-    path = os.pathsep.join(filter(None, (str(REPO / folder), os.environ.get("PYTHONPATH"))))
-    return sys.executable, {"PYTHONPATH": path}
-  if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
-    return sys.executable, {}
-  why = f"no {platform.upper()} compiler environment: set {var} or {how}"
-  if os.environ.get(f"SPARSEJAX_REQUIRE_{platform.upper()}_COMPILE") == "1":
-    pytest.fail(why)
-  pytest.skip(why)
-
-
-def _env(extra: dict) -> dict:
-  env = {k: v for k, v in os.environ.items() if k not in _DROP}
-  env.update(extra, JAX_PLATFORMS="cpu")
-  return env
+_compiler, _env = compiler_env.compiler, compiler_env.env
 
 
 def _check(platform: str, *args: str) -> tuple[int, dict | None, str]:

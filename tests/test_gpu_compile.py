@@ -15,21 +15,12 @@ so the checks cannot silently vanish). See docs/kernels.md, "Compile checks".
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
+import compiler_env
 from kernels_pallas import _aot
 from kernels_pallas._aot_cases import KERNELS
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-PLUGIN_DIR = REPO / ".gpu-compiler"
-# Environment of the parent test process that must not reach the compiler: the fake CPU devices
-# and -O1 CPU flags, and the persistent cache (a hit would skip the compile under test).
-_DROP = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 # A Pallas kernel whose operands need 512 KiB of shared memory (two 256x256 float32 tiles of one
 # dot): more than an H100 block may opt into (232,448 bytes in _targets/h100.txtpb).
@@ -45,32 +36,8 @@ print(json.dumps(_aot.compile_for_gpu(fn, (a, a)).asdict()))
 """
 
 
-def _gpu_compiler():
-  """(argv prefix, extra env) of the GPU compiler environment, or None."""
-  explicit = os.environ.get("SPARSEJAX_GPU_PYTHON")
-  if explicit:
-    return [explicit], {}
-  if (PLUGIN_DIR / "jax_plugins").is_dir():
-    path = os.pathsep.join(filter(None, (str(PLUGIN_DIR), os.environ.get("PYTHONPATH"))))
-    return [sys.executable], {"PYTHONPATH": path}
-  if _aot.plugin_available():
-    return [sys.executable], {}
-  return None
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-  found = _gpu_compiler()
-  if found is None:
-    why = ("no GPU compiler environment: set SPARSEJAX_GPU_PYTHON or pip install --no-deps "
-           f"--target {PLUGIN_DIR.name} {_aot.PLUGIN_PACKAGES} (jax's version)")
-    if os.environ.get("SPARSEJAX_REQUIRE_GPU_COMPILE") == "1":
-      pytest.fail(why)
-    pytest.skip(why)
-  prefix, extra = found
-  env = {k: v for k, v in os.environ.items() if k not in _DROP}
-  env.update(extra, JAX_PLATFORMS="cpu")
-  return subprocess.run(prefix + argv, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+def _run(argv: list[str]):
+  return compiler_env.run("gpu", argv)
 
 
 @pytest.fixture(scope="module")

@@ -16,28 +16,19 @@ it. See docs/kernels.md, "Compile checks".
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
+import compiler_env
 from kernels_pallas import _aot
 from kernels_pallas import _aot_cases as cases
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-LIBTPU_DIR = REPO / ".tpu-compiler"
 CHIPS = ("v5e", "v5p")
 # The VMEM a kernel's buffers may take, as libtpu states it when an allocation does not fit:
 # 128 MiB on a v5e, 64 MiB on a v5p (what this libtpu reports; the chips differ, so the check
 # also shows which chip was compiled for).
 VMEM_BYTES = {"v5e": 134217728, "v5p": 67108864}
-# Environment of the parent test process that must not reach the compiler: the fake CPU devices
-# and -O1 CPU flags, and the persistent cache (a hit would skip the compile under test).
-_DROP = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 # One subprocess for the negative cases, both chips: a Pallas kernel with a 256 MiB VMEM scratch
 # buffer (more than either chip has), and splash attention with 64-wide blocks (its kv blocks
@@ -66,32 +57,8 @@ print(json.dumps(out))
 """ % (CHIPS,)
 
 
-def _tpu_compiler():
-  """(argv prefix, extra env) of the TPU compiler environment, or None."""
-  explicit = os.environ.get("SPARSEJAX_TPU_PYTHON")
-  if explicit:
-    return [explicit], {}
-  if (LIBTPU_DIR / "libtpu").is_dir():
-    path = os.pathsep.join(filter(None, (str(LIBTPU_DIR), os.environ.get("PYTHONPATH"))))
-    return [sys.executable], {"PYTHONPATH": path}
-  if importlib.util.find_spec("libtpu") is not None:
-    return [sys.executable], {}
-  return None
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-  found = _tpu_compiler()
-  if found is None:
-    why = ("no TPU compiler environment: set SPARSEJAX_TPU_PYTHON or pip install --no-deps "
-           f"--target {LIBTPU_DIR.name} {_aot.TPU_PACKAGE} (the version jax[tpu] pins)")
-    if os.environ.get("SPARSEJAX_REQUIRE_TPU_COMPILE") == "1":
-      pytest.fail(why)
-    pytest.skip(why)
-  prefix, extra = found
-  env = {k: v for k, v in os.environ.items() if k not in _DROP}
-  env.update(extra, JAX_PLATFORMS="cpu")
-  return subprocess.run(prefix + argv, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+def _run(argv: list[str]):
+  return compiler_env.run("tpu", argv)
 
 
 @pytest.fixture(scope="module")
