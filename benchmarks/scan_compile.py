@@ -8,8 +8,9 @@ trainer's real step, compiled for a target with ``sparsejax compile-check``'s ma
 ``--host``: instead of a target, XLA:CPU on this host compiles the loss gradient (forward +
 backward, no optimizer, 2 x 256 tokens) of each case, loop vs scan: what a CPU run's compile costs.
 
-For each case and remat policy it compiles the step twice, loop then scan, in this process and
-records: ``compile_cpu_s`` (CPU seconds of this process for lower + compile: XLA's TPU / GPU
+For each case and remat policy it compiles the step twice, loop then scan (parameters and
+optimizer state stored stacked: the train layout), in this process and records
+``compile_cpu_s`` (CPU seconds of this process for lower + compile: XLA's TPU / GPU
 pipelines are mostly single-threaded, and CPU time is what a loaded host does not distort),
 ``compile_s`` (wall), the per-device memory verdict (``peak_bytes``, ``temp_bytes``) and the scan
 segments. Prints a table and writes benchmarks/results/scan_compile-cpu-<target>-<date>.json
@@ -34,13 +35,13 @@ from flax import nnx  # noqa: E402
 from sparsejax.compile_check import devices as devlib, program  # noqa: E402
 from sparsejax.configure import load_config  # noqa: E402
 from sparsejax.models.forward import forward_sums  # noqa: E402
-from sparsejax.models.transformer import build_model  # noqa: E402
+from sparsejax.models.transformer import build_train_model  # noqa: E402
 from sparsejax.parallel import targets  # noqa: E402
 
 
 def host_compile(cfg, vocab: int = 8192, batch: int = 2, seq: int = 256) -> dict:
   """CPU seconds to lower and compile the loss gradient of ``cfg`` for this host's CPU."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, vocab)))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_train_model(cfg, vocab)))
   params = nnx.to_pure_dict(state)
   tokens = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in ("inputs", "targets")}
   grad = lambda p, b: jax.grad(lambda q: forward_sums(graphdef, q, b, 1e-4)[0]["ce_sum"])(p)

@@ -118,7 +118,8 @@ def key_probe(workdir: pathlib.Path, cfg, layers: int) -> dict:
   allow when the keys spread them evenly), and distinct top-k sets per head (how many
   different lookups the window's queries make)."""
   r = restore(workdir, devices=jax.devices()[:1])
-  model = nnx.merge(r.spec.graphdef, r.params)
+  # per layer (an eager loop: the recorder reads concrete queries, which a scan would trace)
+  model = nnx.merge(nnx.split(r.spec.abstract_model)[0], r.spec.to_canonical(r.params))
   batches = eval_core.validation_subset(position.resolve_dataset(cfg), cfg)[0]
   calls, real = [], pk.product_key_topk
 

@@ -41,6 +41,7 @@ def validate(raw: ml_collections.ConfigDict | dict) -> Config:
   registry.check(cfg)
   _check_sparsity_targets(cfg)
   _check_finetune(cfg)
+  _check_scan_layers(cfg)
   ffn.check_activation(cfg)  # config.ffn.activation(_topk): read by dense and MoE layers
   if cfg.data.synthfacts_facts or cfg.data.synthfacts_offset:
     synthfacts.check(cfg.data.synthfacts_facts, cfg.data.synthfacts_fraction,
@@ -65,6 +66,19 @@ def _check_sparsity_targets(cfg: Config) -> None:
   if bad:
     raise ConfigError(f"config.sparsity.targets: unknown entry {bad[0]!r}; use a layer kind "
                       f"(attention, ffn) or a family name ({', '.join(sorted(known))})")
+
+
+def _check_scan_layers(cfg: Config) -> None:
+  """Weight sparsity, LoRA and sparse_memory address weights per layer (``blocks/<i>``); the
+  scanned layers' parameters are stored stacked (``scan/<start>/<j>``)."""
+  if not cfg.model.scan_layers:
+    return
+  what = ("config.sparsity.method=" + repr(cfg.sparsity.method) if cfg.sparsity.method != "none"
+          else "config.finetune.mode=" + repr(cfg.finetune.mode)
+          if cfg.finetune.mode in ("lora", "sparse_memory") else None)
+  if what:
+    raise ConfigError(f"config.model.scan_layers: {what} needs the parameters stored per layer; "
+                      "set model.scan_layers=False for this run (checkpoints convert both ways)")
 
 
 def _check_finetune(cfg: Config) -> None:

@@ -201,10 +201,17 @@ def _now() -> str:
   return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+# Revisions of how the step is built for a config, where the config itself did not change: a cell
+# compiled before one gets a new key (it is compiled again).
+SCANNED_STEP_REVISION = "stacked-storage"  # scanned layers' params stored stacked (models/scan.py)
+
+
 def config_digest(cell: Cell) -> str:
-  """12 hex digits of the resolved config's JSON (a preset edited since gets a new cell)."""
+  """12 hex digits of the resolved config's JSON (a preset edited since gets a new cell) and,
+  for scanned-layer configs, of ``SCANNED_STEP_REVISION``."""
   cfg = load_config(cell.row.config, **dict(cell.overrides))
-  return hashlib.sha1(cfg.to_json().encode()).hexdigest()[:12]
+  text = cfg.to_json() + (SCANNED_STEP_REVISION if cfg.model.scan_layers else "")
+  return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def prepare(cell: Cell, results: Results, versions_: dict, *, cap: int = CAP,

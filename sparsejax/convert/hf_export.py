@@ -56,8 +56,8 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int
     raise ValueError(f"--out {out} is not empty; choose a new directory")
   hf, step = plan(workdir, step)
   r = restore_params(workdir, step)
-  flat = {jax.tree_util.keystr(p, simple=True, separator="/"): x
-          for p, x in jax.tree_util.tree_leaves_with_path(r.params)}
+  flat = {jax.tree_util.keystr(p, simple=True, separator="/"): x  # per layer, also if scanned
+          for p, x in jax.tree_util.tree_leaves_with_path(r.spec.to_canonical(r.params))}
 
   def get(path: str) -> np.ndarray:
     x = flat[path]

@@ -48,9 +48,10 @@ class HFCheckpoint:
   reader: Reader
 
   def host_params(self, spec: ModelSpec, bar: tqdm | None = None) -> dict:
-    """Lazy views of every parameter in ``spec.abstract_params``' structure (read on slicing;
+    """Lazy views of every parameter, per layer (``blocks/<i>``; read on slicing;
     ``bar`` counts the values read)."""
-    tree = hf_weights.import_tree(self.reader, self.cfg, self.arch, spec.abstract_params)
+    tree = hf_weights.import_tree(self.reader, self.cfg, self.arch,
+                                  spec.to_canonical(spec.abstract_params))
     if bar is None:
       return tree
 

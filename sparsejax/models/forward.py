@@ -17,13 +17,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.models import scan
+
 
 UPDATE_PREFIX = "update__"  # sown "update__<buffer_x>" is added to the sibling param buffer_x
 
 
-def collect_sown(intermediates):
+def collect_sown(intermediates, segments=()):
   """Reduce what layers sowed into (sum of aux losses, {path: value} metrics,
-  {param path: additive buffer update})."""
+  {param path: additive buffer update}). ``segments``: the model's stacked scan segments; what
+  their templates sowed (``scan/<S>/<j>/...``, one value per repeat) is summed into the aux
+  loss and named per layer in the metrics, as the layer loop names it."""
   aux = jnp.zeros((), jnp.float32)
   metrics, updates = {}, {}
   for path, var in nnx.to_flat_state(intermediates):
@@ -31,10 +35,14 @@ def collect_sown(intermediates):
     value = value[-1] if isinstance(value, tuple) else value
     value = jnp.asarray(value, jnp.float32)
     name = str(path[-1])
+    stacked = bool(segments) and path[0] == "scan"
     if name == "aux_loss":
-      aux = aux + value
-    if name.startswith(UPDATE_PREFIX):
+      aux = aux + (jnp.sum(value) if stacked else value)
+    if name.startswith(UPDATE_PREFIX):  # a stacked update matches its stacked parameter
       updates[tuple(path[:-1]) + (name[len(UPDATE_PREFIX):],)] = value
+    elif stacked:
+      for layer_path, v in scan.expand_sown(tuple(path), value, segments):
+        metrics["/".join(map(str, layer_path))] = v
     else:
       metrics["/".join(map(str, path))] = value
   return aux, metrics, updates
@@ -78,7 +86,7 @@ def forward_sums(graphdef, params, batch, z_loss: float, rng=None):
   else:
     logits, intermediates = nnx.capture(model, nnx.Intermediate)(batch["inputs"], rng=rng)
     sums = _sums(logits, targets_BxT, w_BxT)
-  aux, sown, updates = collect_sown(intermediates)
+  aux, sown, updates = collect_sown(intermediates, model.scan_segments())
   return sums, aux, sown, updates
 
 

@@ -1,19 +1,10 @@
-"""Scanned layers: runs of identical blocks executed by one ``jax.lax.scan`` body instead of one
-traced copy per layer, so the traced program stops growing with depth and, under FSDP, XLA
-gathers each layer's weights inside the loop body and frees them every iteration.
+"""Scanned layers: runs of identical blocks stored stacked and executed by one ``jax.lax.scan``
+body, so neither the traced program nor the optimizer update grows with depth, and under FSDP
+XLA gathers each layer's weights inside the loop body and frees them every iteration.
 
 ``config.model.scan_layers = True`` (off by default; on in the 8b / 70b-class presets, where the
 layer loop lets XLA keep every layer's all-gathered FSDP weights alive: dense 70b on v5p-256 needs
-158.5 GiB per chip looped, 60.8 GiB scanned). Parameters are stored exactly as in the
-layer loop (``blocks/<i>/...``, one array per layer): a checkpoint, `init_from`, HF conversion,
-upcycling, weight sparsity and LoRA all see the same state either way, and a run may switch on
-resume. Inside the step the blocks of a run are stacked ([R, ...] per leaf) and the scan slices
-them. Measured (benchmarks/scan_compile.py, docs/compile_check.md "Scanned layers"): the traced
-program no longer grows with depth and XLA:CPU compiles the 80-layer gradient in half the time,
-but the stacked copy of the parameters and of their gradient cost 2 x the blocks' parameter
-bytes per device, and XLA:TPU compiles the full train step no faster at 24 layers and slower at
-80 (the per-layer stack / unstack). Storing the scanned blocks stacked removes both costs; that is
-the next step, not done here.
+158.5 GiB per chip looped, 60.8 GiB scanned).
 
 Plan (``plan(blocks)``, once at model build): each block gets a signature (its NNX graph
 definition plus its leaves' shapes and dtypes). Greedily from the first layer, the period
@@ -23,10 +14,18 @@ P-block body); layers that do not repeat (``ffn.first_k_dense``, ``ffn.overrides
 the loop. A block that holds a variable another block also holds (the memory family's shared
 value pool) never scans: stacking would give each layer its own copy.
 
+Storage (``stack_blocks``, the train layout; ``sparsejax/models/layout.py`` converts pure dicts):
+the model is built per layer exactly as the loop builds it (same initial values), then the P
+blocks of a segment that starts at layer S become ``scan/<S>/<j>`` (j < P) whose every parameter
+is the stack of its R layers' values, [R, ...] with the logical axis "layers" (never sharded);
+``blocks/<i>`` stays for the layers that are not scanned. The layout describes itself: layer
+``S + k * P + j`` is repeat k of ``scan/<S>/<j>``.
+
 Each block inside the body is called as the loop calls it: same RMS norms, same per-layer key
-``fold_in(rng, layer)``, the configured remat policy around every block, and what it sowed is
-returned by the scan and sown again on the real block, so `forward_sums` sees the same metrics,
-aux losses and buffer updates under the same paths.
+``fold_in(rng, layer)``, the configured remat policy around every block. What it sowed comes out
+of the scan stacked over repeats and is sown on the template (``scan/<S>/<j>/...``): buffer
+updates then match their stacked parameters, and ``forward.collect_sown`` gives aux losses and
+metrics the per-layer names the loop gives them (``expand_sown``).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 MAX_PERIOD = 8  # longest layer-pattern cycle looked for
+LAYERS_AXIS = "layers"  # logical axis of the repeat dimension of stacked parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,10 @@ class Segment:
   @property
   def stop(self) -> int:
     return self.start + self.period * self.repeats
+
+  def layer(self, k: int, j: int) -> int:
+    """The layer that is repeat ``k`` of body block ``j``."""
+    return self.start + k * self.period + j
 
 
 def _signature(block: nnx.Module):
@@ -105,28 +109,52 @@ def _merge_loops(segments):
   return out
 
 
-def _resow(block: nnx.Module, intermediates, index) -> None:
+def _variables(block: nnx.Module) -> list[nnx.Variable]:
+  return [n for _, n in nnx.iter_graph(block) if isinstance(n, nnx.Variable)]
+
+
+def stack_blocks(blocks: nnx.List, segments) -> nnx.List:
+  """In place: every scanned segment's blocks leave ``blocks`` (None there) and come back as
+  ``out[start] = nnx.List(P templates)`` whose variables hold the R repeats stacked. Returns
+  ``out`` (length ``len(blocks)``, None where no segment starts)."""
+  out: list = [None] * len(blocks)
+  for seg in segments:
+    if seg.repeats < 2:
+      continue
+    templates = []
+    for j in range(seg.period):
+      members = [_variables(blocks[seg.layer(k, j)]) for k in range(seg.repeats)]
+      for n, var in enumerate(members[0]):
+        var.set_value(jnp.stack([m[n].get_value() for m in members]))
+        axes = var.get_metadata().get("logical_axes")
+        if axes is not None:
+          var.set_metadata(logical_axes=(LAYERS_AXIS, *axes))
+      templates.append(blocks[seg.start + j])
+    for layer in range(seg.start, seg.stop):
+      blocks[layer] = None
+    out[seg.start] = nnx.List(templates)
+  return nnx.List(out)
+
+
+def _resow(block: nnx.Module, intermediates) -> None:
   """Sow ``intermediates`` (a captured State of one block, leaves stacked over repeats) again
-  on ``block``'s modules, taking repeat ``index`` of every value."""
+  on ``block``'s modules, unchanged."""
   for path, var in nnx.to_flat_state(intermediates):
     module = block
     for key in path[:-1]:
       module = module[key] if isinstance(key, int) else getattr(module, key)
     value = var.get_value() if isinstance(var, nnx.Variable) else var
-    values = value if isinstance(value, tuple) else (value,)
-    for v in values:
-      module.sow(nnx.Intermediate, str(path[-1]), v[index], capture_noop=True)
+    for v in value if isinstance(value, tuple) else (value,):
+      module.sow(nnx.Intermediate, str(path[-1]), v, capture_noop=True)
 
 
-def run_segment(blocks, seg: Segment, call, x_BxTxD, rng):
-  """Run layers ``seg`` of ``blocks`` in a scan. ``call(block, x, layer_rng) -> x`` is how the
-  loop calls one block (remat included); the same function runs inside the body."""
+def run_stacked(templates, seg: Segment, call, x_BxTxD, rng):
+  """Layers ``seg`` from their stacked ``templates`` in one scan. ``call(block, x, layer_rng)
+  -> x`` is how the loop calls one block (remat included); the same function runs inside the
+  body on the repeat's slice of every parameter."""
   p, r = seg.period, seg.repeats
-  graphdefs, states = [], []
-  for j in range(p):
-    split = [nnx.split(blocks[seg.start + k * p + j]) for k in range(r)]
-    graphdefs.append(split[0][0])
-    states.append(jax.tree.map(lambda *xs: jnp.stack(xs), *(s for _, s in split)))
+  split = [nnx.split(t) for t in templates]
+  graphdefs, states = [g for g, _ in split], [s for _, s in split]
   layers_RxP = jnp.arange(seg.start, seg.stop, dtype=jnp.int32).reshape(r, p)
 
   def body(x, xs):
@@ -140,7 +168,14 @@ def run_segment(blocks, seg: Segment, call, x_BxTxD, rng):
     return x, sown
 
   x_BxTxD, sown = jax.lax.scan(body, x_BxTxD, (states, layers_RxP))
-  for k in range(r):
-    for j in range(p):
-      _resow(blocks[seg.start + k * p + j], sown[j], k)
+  for j in range(p):
+    _resow(templates[j], sown[j])
   return x_BxTxD
+
+
+def expand_sown(path: tuple, value_R, segments) -> list[tuple[tuple, jax.Array]]:
+  """A value sown under ``scan/<S>/<j>/...`` ([R, ...], one per repeat) -> the per-layer
+  (``blocks/<layer>/...`` path, value) pairs the layer loop would have sown."""
+  seg = next(s for s in segments if s.start == int(path[1]) and s.repeats > 1)
+  j, rest = int(path[2]), tuple(path[3:])
+  return [(("blocks", seg.layer(k, j)) + rest, value_R[k]) for k in range(seg.repeats)]

@@ -85,9 +85,25 @@ class Transformer(nnx.Module):
     policy = cfg.model.remat
     self._block_fn = (_run_block if policy == "none" else
                       nnx.remat(_run_block, policy=REMAT_POLICIES[policy]))
-    # config.model.scan_layers: runs of identical blocks under one lax.scan (models/scan.py)
+    # config.model.scan_layers: runs of identical blocks under one lax.scan (models/scan.py);
+    # built per layer, they run as a loop until `stack_scanned` moves them to stacked storage
     self._segments = (scan.plan(self.blocks) if cfg.model.scan_layers else
                       (scan.Segment(0, cfg.model.num_layers, 1),))
+    self.stacked = False
+
+  def stack_scanned(self) -> "Transformer":
+    """In place: the train layout (``scan/<start>/<j>`` stacks for the scanned segments, see
+    models/scan.py). A no-op without ``config.model.scan_layers``."""
+    if not self.stacked and self.scan_segments(planned=True):
+      self.scan = scan.stack_blocks(self.blocks, self._segments)
+      self.stacked = True
+    return self
+
+  def scan_segments(self, planned: bool = False) -> tuple:
+    """The segments stored stacked (or, ``planned``, those the plan would stack)."""
+    if not (planned or self.stacked):
+      return ()
+    return tuple(s for s in self._segments if s.repeats > 1)
 
   def embed(self, tokens_BxT: jax.Array) -> jax.Array:
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.dtype)
@@ -111,8 +127,8 @@ class Transformer(nnx.Module):
     call = lambda block, x, layer_rng: self._block_fn(block, x, positions_BxT, tokens_BxT,
                                                       layer_rng)
     for seg in self._segments:
-      if seg.repeats > 1:
-        x_BxTxD = scan.run_segment(self.blocks, seg, call, x_BxTxD, rng)
+      if self.stacked and seg.repeats > 1:
+        x_BxTxD = scan.run_stacked(self.scan[seg.start], seg, call, x_BxTxD, rng)
         continue
       for i in range(seg.start, seg.stop):
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -137,4 +153,11 @@ class Transformer(nnx.Module):
 
 
 def build_model(cfg: Config, vocab_size: int, seed: int = 0) -> Transformer:
+  """The model stored per layer (``blocks/<i>``), however config.model.scan_layers is set."""
   return Transformer(cfg, cfg.padded_vocab(vocab_size), rngs=nnx.Rngs(params=seed))
+
+
+def build_train_model(cfg: Config, vocab_size: int, seed: int = 0) -> Transformer:
+  """The model as the train state stores it: with config.model.scan_layers, the scanned
+  segments stacked (same values as `build_model`'s layers)."""
+  return build_model(cfg, vocab_size, seed).stack_scanned()

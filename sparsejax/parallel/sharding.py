@@ -46,6 +46,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the repeat axis of scanned layers' stacked parameters (models/scan.py)
 )
 
 _log = logging.getLogger(__name__)

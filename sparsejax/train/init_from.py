@@ -131,6 +131,25 @@ def restore_params(source: str | pathlib.Path, step: int | None = None,
   return Restored(step, cfg, meta, spec, params, mesh, shardings)
 
 
+def restore_state(ckpt: Checkpointer, step: int, spec: ModelSpec, mesh, optimizer):
+  """(train state, meta, state shardings) of ``step`` for resuming ``spec``'s run. A checkpoint
+  saved with the other ``config.model.scan_layers`` is read in its own layout and converted on
+  the devices (parameters and optimizer moments), so a run may switch on resume."""
+  target, shardings = abstract_state(spec, mesh, optimizer)
+  saved = bool(ckpt.restore_meta(step)["config"].get("model", {}).get("scan_layers", False))
+  cfg = spec.cfg
+  if saved == cfg.model.scan_layers:
+    state, _, meta = ckpt.restore(step, target)
+    return state, meta, shardings
+  other = model_spec(dataclasses.replace(
+      cfg, model=dataclasses.replace(cfg.model, scan_layers=saved)), spec.vocab_size)
+  state, _, meta = ckpt.restore(step, abstract_state(other, mesh, optimizer)[0])
+  _log.info("checkpoint step %d was saved with model.scan_layers=%s: converting its layout",
+            step, saved)
+  convert = lambda s: spec.to_train(other.to_canonical(s))
+  return jax.jit(convert, out_shardings=shardings)(state), meta, shardings
+
+
 def _shapes(tree) -> dict[str, tuple]:
   return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
@@ -154,11 +173,16 @@ def load_params(source: str, target: ModelSpec, shardings: dict) -> dict:
   ckpt, step, meta = open_source(source)
   cfg = validate(meta["config"])
   spec = model_spec(cfg, meta["vocab_size"])
-  check_same_shapes(spec.abstract_params, target.abstract_params,
+  check_same_shapes(spec.to_canonical(spec.abstract_params),
+                    target.to_canonical(target.abstract_params),
                     f"config.train.init_from={source} (step {step})",
                     "start from a run with the same model shape, or upcycle / convert it first")
   mesh = jax.tree.leaves(shardings)[0].mesh
-  params = _read(ckpt, step, cfg, spec, mesh, shardings)
+  if spec.segments == target.segments:
+    params = _read(ckpt, step, cfg, spec, mesh, shardings)
+  else:  # scanned in one run and not the other: restacked on the devices
+    params = jax.jit(lambda p: target.to_train(spec.to_canonical(p)), out_shardings=shardings)(
+        _read(ckpt, step, cfg, spec, mesh))
   ckpt.close()
   _log.info("initialised from %s step %d (fresh optimizer, schedule and data stream)",
             ckpt.workdir, step)
@@ -167,7 +191,10 @@ def load_params(source: str, target: ModelSpec, shardings: dict) -> dict:
 
 def host_to_device(host: dict, target: ModelSpec, shardings: dict) -> dict:
   """A nested dict of host arrays with exactly ``target.abstract_params``' structure -> arrays
-  placed by ``shardings``, each device given only its slice (cast to the param dtype)."""
+  placed by ``shardings``, each device given only its slice (cast to the param dtype). A tree
+  stored per layer is stacked lazily into the target's train layout (scanned layers)."""
+  if "scan" not in host:
+    host = target.to_train(host)
   flat = {jax.tree_util.keystr(p, simple=True, separator="/"): x
           for p, x in jax.tree_util.tree_leaves_with_path(
               host, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))}

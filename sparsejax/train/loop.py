@@ -41,11 +41,11 @@ from sparsejax.parallel import hardware, mesh as mesh_lib, sharding as shd
 from sparsejax.finetune import hooks as finetune
 from sparsejax.train import step as steplib
 from sparsejax.train.checkpoint import Checkpointer
-from sparsejax.train.init_from import load_params
+from sparsejax.train.init_from import load_params, restore_state
 from sparsejax.train.metrics import (MetricWriter, derived_metrics, host_metrics,
                                      warn_low_usage, write_atomic)
 from sparsejax.train.optim import make_optimizer
-from sparsejax.train.state import abstract_state, init_state, model_spec, state_shardings
+from sparsejax.train.state import init_state, model_spec, state_shardings
 
 _log = logging.getLogger("sparsejax")
 
@@ -125,8 +125,8 @@ class _Run:
       self.next_batch = position.resume_batch(
           ckpt.restore_data(latest), position.data_position(cfg, self.fingerprint, 0), latest,
           str(ckpt.root), self.allow_data_change)
-      target, self.shardings = abstract_state(self.spec, self.mesh, self.optimizer)
-      self.state, _, saved_meta = ckpt.restore(latest, target)
+      self.state, saved_meta, self.shardings = restore_state(ckpt, latest, self.spec, self.mesh,
+                                                             self.optimizer)
       self.writer.truncate_after(latest)
       _log.info("resumed from checkpoint step %d in %s (saved by %s process(es), mesh %s)",
                 latest, ckpt.root, saved_meta.get("process_count", 1), saved_meta.get("mesh"))

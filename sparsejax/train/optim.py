@@ -42,6 +42,11 @@ def lr_schedule(cfg: Config, peak: float | None = None) -> optax.Schedule:
   return optax.join_schedules([warmup, main], [warm])
 
 
+def _stacked(path) -> int:
+  """1 for a leaf of scanned layers' stacked storage (``scan/<start>/<j>/...``, [R, ...])."""
+  return int(len(path) > 3 and _key_name(path[0]) == "scan")
+
+
 def decay_mask(params, cfg: Config):
   """True where weight decay applies: matrices (ndim >= 2), embeddings only if configured, never
   norm scales or biases (leaves named ``*scale*`` / ``*bias*``, e.g. the product-key
@@ -53,7 +58,7 @@ def decay_mask(params, cfg: Config):
     last = str(getattr(path[-1], "key", path[-1]))
     if "scale" in last or "bias" in last:
       return False
-    return x.ndim >= 2
+    return x.ndim - _stacked(path) >= 2  # a layer's own rank, also when scanned (stacked)
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
@@ -69,8 +74,9 @@ def param_groups(params, cfg: Config | None = None) -> dict:
   family ParamGroup whose prefix the leaf name starts with (e.g. memory value tables,
   ``values_*`` -> "memory_values"); else "default".
 
-  With ``cfg``, a leaf under ``blocks/<i>/`` is matched only against the groups of layer i's
-  attention and FFN families, so families that name leaves alike (memory's and PEER's
+  With ``cfg``, a leaf under ``blocks/<i>/`` (or stacked under ``scan/<start>/<j>/``: layer
+  start + j, whose repeats have the same families) is matched only against the groups of layer
+  i's attention and FFN families, so families that name leaves alike (memory's and PEER's
   ``w_query_DxHxK``) keep their own groups; without ``cfg`` (and outside ``blocks``) every
   registered family's groups are tried in registry order."""
   everyone = registry.param_groups()
@@ -84,6 +90,8 @@ def param_groups(params, cfg: Config | None = None) -> dict:
     groups = everyone
     if per_layer is not None and len(path) > 2 and _key_name(path[0]) == "blocks":
       groups = per_layer[int(_key_name(path[1]))]
+    elif per_layer is not None and _stacked(path):  # scan/<start>/<j>: layer start + j's groups
+      groups = per_layer[int(_key_name(path[1])) + int(_key_name(path[2]))]
     return next((g.name for g in groups if name.startswith(g.prefix)), "default")
   return jax.tree_util.tree_map_with_path(label, params)
 

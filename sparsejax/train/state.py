@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sparsejax.config import Config
 from sparsejax.finetune import hooks as finetune
 from sparsejax.layers import registry
-from sparsejax.models.transformer import Transformer, build_model
+from sparsejax.models import layout
+from sparsejax.models.transformer import Transformer, build_model, build_train_model
 from sparsejax.parallel.sharding import logical_to_spec
 from sparsejax.sparsity import hooks as sparsity, targets as sparse_targets
 from sparsejax.train.optim import make_optimizer
@@ -32,20 +33,35 @@ from sparsejax.train.optim import make_optimizer
 
 @dataclasses.dataclass
 class ModelSpec:
-  """Everything static about a model: graph, abstract params, their logical axes."""
+  """Everything static about a model: graph, abstract params, their logical axes.
+
+  ``graphdef`` / ``abstract_params`` / ``logical_axes`` are the train layout (what the train
+  state, checkpoints and the steps hold: with config.model.scan_layers the scanned segments
+  stacked, ``scan/<start>/<j>``); ``abstract_model`` is the model per layer (``blocks/<i>``, what
+  accounting reads). ``to_canonical`` / ``to_train`` convert params (or a whole state) between
+  the two (identity without scanned segments)."""
   cfg: Config
   vocab_size: int                 # dataset vocabulary (before padding)
   graphdef: Any
-  abstract_model: Transformer     # parameters are ShapeDtypeStructs
+  abstract_model: Transformer     # parameters are ShapeDtypeStructs, one block per layer
   abstract_params: dict           # pure dict of ShapeDtypeStruct
   logical_axes: dict              # pure dict of tuples (same structure as params)
+  segments: tuple = ()            # scanned segments stored stacked (models/scan.py)
+
+  def to_train(self, tree):
+    return layout.to_train(tree, self.segments)
+
+  def to_canonical(self, tree):
+    return layout.to_canonical(tree, self.segments)
 
 
 def model_spec(cfg: Config, vocab_size: int) -> ModelSpec:
   abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size))
-  graphdef, state = nnx.split(abstract)
+  train = (nnx.eval_shape(lambda: build_train_model(cfg, vocab_size))
+           if abstract.scan_segments(planned=True) else abstract)
+  graphdef, state = nnx.split(train)
   logical: dict = {}
-  for path, var in nnx.to_flat_state(nnx.split(abstract, nnx.Param)[1]):
+  for path, var in nnx.to_flat_state(nnx.split(train, nnx.Param)[1]):
     axes = var.get_metadata().get("logical_axes")
     if axes is None:
       raise ValueError(f"parameter {'/'.join(map(str, path))} has no logical axes; "
@@ -58,7 +74,7 @@ def model_spec(cfg: Config, vocab_size: int) -> ModelSpec:
   if jax.tree.structure(params) != jax.tree.structure(
       logical, is_leaf=lambda x: isinstance(x, tuple)):
     raise ValueError("only nnx.Param variables may hold model state (found other variables)")
-  return ModelSpec(cfg, vocab_size, graphdef, abstract, params, logical)
+  return ModelSpec(cfg, vocab_size, graphdef, abstract, params, logical, train.scan_segments())
 
 
 def param_shardings(spec: ModelSpec, mesh: Mesh) -> dict:
@@ -107,8 +123,8 @@ def init_state(spec: ModelSpec, mesh: Mesh, optimizer=None, params=None):
 
   def init(params):
     if params is None:
-      params = nnx.to_pure_dict(nnx.split(build_model(cfg, spec.vocab_size,
-                                                      seed=cfg.train.seed))[1])
+      params = nnx.to_pure_dict(nnx.split(build_train_model(cfg, spec.vocab_size,
+                                                            seed=cfg.train.seed))[1])
     opt_state = optimizer.init(params)
     sparse = sparsity.find_state(opt_state)
     if sparse is not None:  # start from the masks' zeros (random / DST masks)

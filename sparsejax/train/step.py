@@ -26,8 +26,20 @@ def _rms(x):
 
 
 def _per_leaf(fn, tree, prefix: str) -> dict[str, jax.Array]:
-  return {prefix + jax.tree_util.keystr(p, simple=True, separator="/"): fn(x)
-          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  """``fn`` of every leaf, named by its path; a scanned layers' stacked leaf
+  (``scan/<start>/<j>/...``) gives one value per layer, named as the layer loop names it."""
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    keys = [getattr(k, "key", k) for k in path]
+    if keys[0] != "scan":
+      out[prefix + jax.tree_util.keystr(path, simple=True, separator="/")] = fn(x)
+      continue
+    start, j, period = int(keys[1]), int(keys[2]), len(tree["scan"][keys[1]])
+    values = jax.vmap(fn)(x)
+    for k in range(x.shape[0]):
+      name = "/".join(map(str, ("blocks", start + k * period + j, *keys[3:])))
+      out[prefix + name] = values[k]
+  return out
 
 
 def jit_train_step(graphdef, cfg, optimizer: optax.GradientTransformation, state_shardings,

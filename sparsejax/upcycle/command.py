@@ -57,8 +57,8 @@ def upcycle(source: str, cfg: Config, out: str | pathlib.Path, options: Options 
   def init_params(spec, shardings):
     _log.info("building the MoE parameters on the devices")
     built["params_target"] = mapping.param_counts(spec.abstract_params)
-    return mapping.device_params(restored.params, spec.cfg, spec.vocab_size, plans, options,
-                                 shardings)
+    return mapping.device_params(restored.spec.to_canonical(restored.params), spec.cfg,
+                                 spec.vocab_size, plans, options, shardings, spec.to_train)
 
   _log.info("writing the step-0 checkpoint (fresh optimizer) to %s", out)
   workdir = write_start_checkpoint(cfg, out, init_params, devices)

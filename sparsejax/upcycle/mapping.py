@@ -247,10 +247,11 @@ def _upcycled(dense: dict, fresh: dict, p: LayerPlan, options: Options) -> dict:
 
 
 def device_params(src: dict, cfg: Config, vocab_size: int, plans: tuple[LayerPlan, ...],
-                  options: Options, shardings=None) -> dict:
+                  options: Options, shardings=None, layout=lambda p: p) -> dict:
   """``build_params`` jitted, straight into ``shardings`` (the target's; None: default
-  placement). Only the target's parameters are materialised, never a host copy."""
-  fn = jax.jit(lambda s: build_params(s, cfg, vocab_size, plans, options),
+  placement). Only the target's parameters are materialised, never a host copy. ``src`` is per
+  layer; ``layout`` maps the result to the target's train layout (``ModelSpec.to_train``)."""
+  fn = jax.jit(lambda s: layout(build_params(s, cfg, vocab_size, plans, options)),
                out_shardings=shardings)
   return fn(src)
 
