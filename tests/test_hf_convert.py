@@ -32,7 +32,7 @@ from sparsejax.eval.checkpoint import evaluate
 from sparsejax.models import accounting
 from sparsejax.models.transformer import build_model
 from sparsejax.parallel import mesh as mesh_lib
-from sparsejax.train.init_from import host_to_device
+from sparsejax.train.init_from import host_to_device, restore_params
 from sparsejax.train.optim import decay_mask
 from sparsejax.train.state import model_spec, param_shardings
 
@@ -173,12 +173,19 @@ def bpe_data(tmp_path_factory) -> pathlib.Path:
                          tokenizer=str(FIXTURES / "llama" / "tokenizer.json"))
 
 
-def test_workdir_round_trip_evaluates(tmp_path, bpe_data, one_device):
-  """HF -> sparsejax workdir (checkpoint, config, tokenizer) -> eval -> HF: the fixture again."""
-  arch = "qwen2_moe"
+@pytest.mark.parametrize("arch,scan", [("qwen2_moe", False), ("mixtral", True)],
+                         ids=["loop", "scanned"])
+def test_workdir_round_trip_evaluates(tmp_path, bpe_data, one_device, arch, scan):
+  """HF -> sparsejax workdir (checkpoint, config, tokenizer) -> eval -> HF: the fixture again;
+  scanned (mixtral: two identical layers), the checkpoint holds the layers stacked (lazily from
+  the HF views) and the export unstacks them."""
   work = import_hf(FIXTURES / arch, tmp_path / "run", data_path=str(bpe_data),
-                   overrides={"data.seq_len": 16, "data.global_batch_size": 2},
+                   overrides={"data.seq_len": 16, "data.global_batch_size": 2,
+                              "model.scan_layers": scan},
                    devices=one_device, progress=False)
+  if scan:  # the layers as the checkpoint holds them: one stack
+    assert sorted(restore_params(work, devices=one_device).params) == [
+        "embed_VxD", "final_norm", "head_DxV", "scan"]
   saved = json.loads((work / "config.json").read_text())
   assert saved["data"]["tokenizer"] == str(work / "tokenizer.json")
   assert saved["model"]["compute_dtype"] == "float32"
