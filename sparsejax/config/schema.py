@@ -40,10 +40,10 @@ class ModelConfig:
   param_dtype: str = field("float32", "float32", "bfloat16", shapes=True)
   compute_dtype: str = field("bfloat16", "bfloat16", "float32")
   remat: str = field("none", "none", "full", "dots", "dots_no_batch")
-  # runs of identical blocks execute as one lax.scan; parameters stay stored per layer (same
-  # checkpoints) and are stacked inside the step (2 x the blocks' parameter bytes per device);
-  # under FSDP at scale it is what fits: XLA frees each layer's gathered weights (measured:
-  # sparsejax/models/scan.py, docs/compile_check.md)
+  # runs of identical blocks execute as one lax.scan over parameters stored stacked
+  # (scan/<start>/<j>; checkpoints convert when it is switched on resume): compile time flat in
+  # depth, and under FSDP at scale it is what fits, as XLA frees each layer's gathered weights
+  # (measured: sparsejax/models/scan.py, docs/compile_check.md)
   scan_layers: bool = False
   z_loss: float = 1e-4           # coefficient of mean(logsumexp(logits)^2)
   # > 0: the head and loss run over sequence chunks of this length (must divide data.seq_len),

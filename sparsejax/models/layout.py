@@ -58,9 +58,8 @@ def _unstack(x, r: int) -> list:
   return [x[k] for k in range(r)]
 
 
-def _leaf(x) -> bool:
-  return isinstance(x, (jax.ShapeDtypeStruct, HostStack)) or (
-      hasattr(x, "shape") and hasattr(x, "dtype"))
+def _leaf(x) -> bool:  # arrays, ShapeDtypeStructs, HostStacks, lazy host views
+  return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _params_to_train(params: dict, segments) -> dict:
